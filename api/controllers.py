@@ -1,0 +1,247 @@
+"""HTTP controllers: validate, call one command handler or one query, return a Struct."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Final, TypeVar
+
+import asyncpg
+import msgspec
+from litestar import Controller, Request, Response, get, post
+from litestar.datastructures import State
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import HeaderParameter, Parameter, QueryParameter
+
+from api.dto import DefineAssetRequest, MoveCreditsRequest, OpenWalletRequest, Problem
+from api.errors import IdempotencyKeyMissing, InvalidRequest, decode_strict
+from api.settings import Settings
+from commands import (
+    Accepted,
+    CommandContext,
+    EventStore,
+    handle_define_asset,
+    handle_grant_bonus,
+    handle_open_wallet,
+    handle_spend_credits,
+    handle_top_up_credits,
+)
+from domain import DefineAsset, GrantBonus, OpenWallet, SpendCredits, TopUpCredits
+from domain.model import USER_ID_PATTERN
+from projections import queries
+from projections.positions import Position
+from projections.read_models import (
+    Asset,
+    AssetList,
+    SystemBalances,
+    Transaction,
+    TransactionPage,
+    Wallet,
+)
+from projections.watcher import ProjectionWatcher
+
+T = TypeVar("T")
+
+_IDEMPOTENCY_KEY: Final = re.compile(r"^[\x20-\x7e]{1,255}$")
+_ETAG: Final = re.compile(r'^(?:W/)?"?(\d{1,18})"?$')
+
+IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Idempotency-Key",
+        description="Required. 1-255 printable ASCII characters, unique per intended effect. "
+        "A retry with the same key replays the first outcome.",
+    ),
+]
+IfMatch = Annotated[
+    str | None,
+    HeaderParameter(
+        name="If-Match", description='Optional: the wallet version the caller decided on, as "<version>".'
+    ),
+]
+ConsistentWith = Annotated[
+    str | None,
+    QueryParameter(
+        name="consistent_with",
+        description="A consistency_token from a command response: wait until this read reflects it.",
+    ),
+]
+UserIdPath = Annotated[str, Parameter(pattern=USER_ID_PATTERN, description="The wallet owner's user id.")]
+
+
+def _problems(*statuses: int) -> dict[int, ResponseSpec]:
+    return {
+        s: ResponseSpec(
+            Problem, description="application/problem+json", media_type="application/problem+json"
+        )
+        for s in statuses
+    }
+
+
+async def _command_context(
+    request: Request[Any, Any, Any], key: str | None, canonical_body: bytes, if_match: str | None = None
+) -> CommandContext:
+    """The idempotency record's identity: the key, and a fingerprint of method, path, body and
+    precondition (a retry must be the same request to replay)."""
+    if key is None:
+        raise IdempotencyKeyMissing("every POST needs an Idempotency-Key header")
+    if not _IDEMPOTENCY_KEY.match(key):
+        raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters")
+    fingerprint = CommandContext.fingerprint_of(
+        request.method, request.url.path, canonical_body, if_match or ""
+    )
+    metadata = {"path": request.url.path}
+    if request_id := request.headers.get("x-request-id"):
+        metadata["request_id"] = request_id[:128]
+    if client := request.headers.get("user-agent"):
+        metadata["client"] = client[:128]
+    return CommandContext(command_id=key, fingerprint=fingerprint, metadata=metadata)
+
+
+def _expected_version(if_match: str | None) -> int | None:
+    if if_match is None or if_match.strip() == "*":
+        return None
+    match = _ETAG.match(if_match.strip())
+    if match is None:
+        raise InvalidRequest('If-Match must be a wallet version as "<version>"')
+    return int(match.group(1))
+
+
+def _created(accepted: Accepted, type_: type[T]) -> Response[T]:
+    headers = {"Idempotent-Replayed": "true"} if accepted.replayed else {}
+    return Response(msgspec.json.decode(accepted.body, type=type_), status_code=201, headers=headers)
+
+
+async def _wait(state: State, projection: str, consistent_with: str | None) -> None:
+    if consistent_with is None:
+        return
+    try:
+        token = Position.parse(consistent_with)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    watcher: ProjectionWatcher = state.watcher
+    settings: Settings = state.settings
+    await watcher.wait_for(projection, token, settings.consistency_timeout)
+
+
+class AssetController(Controller):
+    path = "/v1/assets"
+    tags = ["assets"]
+
+    @post(status_code=201, summary="Define an asset", responses=_problems(400, 409, 422))
+    async def define_asset(
+        self, request: Request[Any, Any, Any], data: DefineAssetRequest, store: EventStore,
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[Asset]:  # fmt: skip
+        body = decode_strict(await request.body(), DefineAssetRequest)
+        ctx = await _command_context(request, idempotency_key, msgspec.json.encode(body))
+        command = DefineAsset(code=body.code, name=body.name, decimals=body.decimals)
+        return _created(await handle_define_asset(store, command, ctx), Asset)
+
+    @get(summary="List assets", responses=_problems(400, 503))
+    async def list_assets(
+        self, state: State, pool: asyncpg.Pool, consistent_with: ConsistentWith = None
+    ) -> AssetList:
+        await _wait(state, "wallets", consistent_with)
+        return await queries.list_assets(pool)
+
+
+class WalletController(Controller):
+    path = "/v1/wallets"
+    tags = ["wallets"]
+
+    @post(status_code=201, summary="Open a wallet", responses=_problems(400, 409, 422))
+    async def open_wallet(
+        self, request: Request[Any, Any, Any], data: OpenWalletRequest, store: EventStore,
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[Wallet]:  # fmt: skip
+        body = decode_strict(await request.body(), OpenWalletRequest)
+        ctx = await _command_context(request, idempotency_key, msgspec.json.encode(body))
+        command = OpenWallet(user_id=body.user_id, metadata=body.metadata)
+        return _created(await handle_open_wallet(store, command, ctx), Wallet)
+
+    @get("/{user_id:str}", summary="A wallet's balances and version", responses=_problems(400, 404, 503))
+    async def get_wallet(
+        self, state: State, pool: asyncpg.Pool, user_id: UserIdPath, consistent_with: ConsistentWith = None
+    ) -> Response[Wallet]:
+        await _wait(state, "wallets", consistent_with)
+        wallet = await queries.get_wallet(pool, user_id)
+        return Response(wallet, headers={"ETag": f'"{wallet.version}"'})
+
+    @post("/{user_id:str}/top-ups", status_code=201, summary="Top up (treasury to user)",
+          responses=_problems(400, 404, 412, 422))  # fmt: skip
+    async def top_up_credits(
+        self, request: Request[Any, Any, Any], user_id: UserIdPath, data: MoveCreditsRequest,
+        store: EventStore, idempotency_key: IdempotencyKey = None, if_match: IfMatch = None,
+    ) -> Response[Transaction]:  # fmt: skip
+        body, ctx, version = await _move_credits(request, idempotency_key, if_match)
+        command = TopUpCredits(user_id=user_id, expected_version=version, **msgspec.structs.asdict(body))
+        return _created(await handle_top_up_credits(store, command, ctx), Transaction)
+
+    @post("/{user_id:str}/bonuses", status_code=201, summary="Grant a bonus (bonus pool to user)",
+          responses=_problems(400, 404, 412, 422))  # fmt: skip
+    async def grant_bonus(
+        self, request: Request[Any, Any, Any], user_id: UserIdPath, data: MoveCreditsRequest,
+        store: EventStore, idempotency_key: IdempotencyKey = None, if_match: IfMatch = None,
+    ) -> Response[Transaction]:  # fmt: skip
+        body, ctx, version = await _move_credits(request, idempotency_key, if_match)
+        command = GrantBonus(user_id=user_id, expected_version=version, **msgspec.structs.asdict(body))
+        return _created(await handle_grant_bonus(store, command, ctx), Transaction)
+
+    @post("/{user_id:str}/spends", status_code=201, summary="Spend (user to revenue)",
+          responses=_problems(400, 404, 409, 412, 422))  # fmt: skip
+    async def spend_credits(
+        self, request: Request[Any, Any, Any], user_id: UserIdPath, data: MoveCreditsRequest,
+        store: EventStore, idempotency_key: IdempotencyKey = None, if_match: IfMatch = None,
+    ) -> Response[Transaction]:  # fmt: skip
+        body, ctx, version = await _move_credits(request, idempotency_key, if_match)
+        command = SpendCredits(user_id=user_id, expected_version=version, **msgspec.structs.asdict(body))
+        return _created(await handle_spend_credits(store, command, ctx), Transaction)
+
+    @get("/{user_id:str}/transactions", summary="A wallet's transactions, newest first",
+         responses=_problems(400, 404, 503))  # fmt: skip
+    async def wallet_history(
+        self, state: State, pool: asyncpg.Pool, user_id: UserIdPath,
+        asset: Annotated[str | None, Parameter(pattern=r"^[A-Z][A-Z0-9_]{1,15}$")] = None,
+        limit: Annotated[int, Parameter(ge=1, le=200)] = 50,
+        cursor: Annotated[str | None, Parameter(description="next_cursor of the previous page")] = None,
+        consistent_with: ConsistentWith = None,
+    ) -> TransactionPage:  # fmt: skip
+        await _wait(state, "history", consistent_with)
+        try:
+            return await queries.wallet_history(pool, user_id, asset=asset, limit=limit, cursor=cursor)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+
+
+async def _move_credits(
+    request: Request[Any, Any, Any], key: str | None, if_match: str | None
+) -> tuple[MoveCreditsRequest, CommandContext, int | None]:
+    body = decode_strict(await request.body(), MoveCreditsRequest)
+    version = _expected_version(if_match)
+    ctx = await _command_context(request, key, msgspec.json.encode(body), if_match)
+    return body, ctx, version
+
+
+class TransactionController(Controller):
+    path = "/v1/transactions"
+    tags = ["transactions"]
+
+    @get("/{transaction_id:str}", summary="One transaction", responses=_problems(400, 404, 503))
+    async def get_transaction(
+        self, state: State, pool: asyncpg.Pool, transaction_id: str, consistent_with: ConsistentWith = None
+    ) -> Transaction:
+        await _wait(state, "history", consistent_with)
+        return await queries.get_transaction(pool, transaction_id)
+
+
+class SystemController(Controller):
+    path = "/v1/system"
+    tags = ["system"]
+
+    @get("/balances", summary="System accounts and users' total per asset (sums to zero)",
+         responses=_problems(400, 503))  # fmt: skip
+    async def system_balances(
+        self, state: State, pool: asyncpg.Pool, consistent_with: ConsistentWith = None
+    ) -> SystemBalances:
+        await _wait(state, "system", consistent_with)
+        return await queries.system_balances(pool)

@@ -1,0 +1,73 @@
+"""Where the database is: ``DATABASE_URL``, or an embedded PostgreSQL the project runs itself.
+
+The embedded server (the ``pgserver`` package, which bundles PostgreSQL's binaries) keeps its data
+under ``<data_dir>/pg`` and listens on a unix socket only. It is shared by every ``tally`` process
+of the checkout and stopped when the last one exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from api.settings import Settings
+
+log = logging.getLogger("tally.database")
+
+EMBEDDED_DATABASE = "tally"
+
+
+@contextlib.contextmanager
+def embedded_server(data_dir: Path) -> Iterator[Any]:
+    """Start (or join) the embedded PostgreSQL under ``data_dir``; stop it when the last user leaves."""
+    # Imported here: deployments with DATABASE_URL never load it. pgserver keeps a lock file in the
+    # user's runtime dir and warns when XDG_RUNTIME_DIR is unset (containers, CI); that is harmless.
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR", category=UserWarning)
+    import pgserver
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(  # type: ignore[attr-defined]
+        data_dir.resolve(), cleanup_mode="stop"
+    )
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@contextlib.contextmanager
+def database_url(settings: Settings) -> Iterator[str]:
+    """The URL to connect to: ``DATABASE_URL`` when set, else the embedded server's ``tally`` database."""
+    if settings.database_url:
+        yield settings.database_url
+        return
+    with embedded_server(settings.data_dir / "pg") as server:
+        exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DATABASE}';")
+        if "(1 row)" not in exists:
+            server.psql(f"CREATE DATABASE {EMBEDDED_DATABASE};")
+        url = server.get_uri(EMBEDDED_DATABASE)
+        log.info("embedded PostgreSQL at %s", url)
+        yield url
+
+
+def connection_settings(settings: Settings, application_name: str) -> dict[str, str]:
+    return {
+        "application_name": application_name,
+        "idle_in_transaction_session_timeout": str(settings.idle_in_transaction_timeout_ms),
+        "timezone": "UTC",
+    }
+
+
+async def create_pool(url: str, settings: Settings, application_name: str) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        url,
+        min_size=settings.pool_min_size,
+        max_size=settings.pool_max_size,
+        server_settings=connection_settings(settings, application_name),
+    )

@@ -1,0 +1,67 @@
+"""Demo data for ``make run``. Idempotent by construction: every command carries a fixed
+Idempotency-Key, so a second run replays the first run's outcomes and adds nothing."""
+
+from __future__ import annotations
+
+import msgspec
+
+from commands import (
+    CommandContext,
+    EventStore,
+    handle_define_asset,
+    handle_grant_bonus,
+    handle_open_wallet,
+    handle_spend_credits,
+    handle_top_up_credits,
+)
+from domain import DefineAsset, DomainError, GrantBonus, OpenWallet, SpendCredits, TopUpCredits
+
+DEMO_ASSETS = (
+    DefineAsset(code="GOLD", name="Gold coins", decimals=0),
+    DefineAsset(code="DIAMOND", name="Diamonds", decimals=0),
+    DefineAsset(code="LOYALTY", name="Loyalty points", decimals=2),
+)
+DEMO_WALLETS = (
+    OpenWallet(user_id="alice", metadata={"tier": "gold"}),
+    OpenWallet(user_id="bob", metadata={}),
+)
+DEMO_TRANSACTIONS = (
+    TopUpCredits(user_id="alice", asset="GOLD", amount=1_000, reference="demo-payment-1"),
+    GrantBonus(user_id="alice", asset="DIAMOND", amount=50, reference="welcome"),
+    SpendCredits(user_id="alice", asset="GOLD", amount=250, reference="demo-order-1"),
+    TopUpCredits(user_id="bob", asset="GOLD", amount=300, reference="demo-payment-2"),
+    GrantBonus(user_id="bob", asset="LOYALTY", amount=1_250, reference="signup"),
+)
+
+
+def _ctx(key: str, command: msgspec.Struct) -> CommandContext:
+    fingerprint = CommandContext.fingerprint_of("SEED", key, msgspec.json.encode(command))
+    return CommandContext(
+        command_id=f"seed:{key}", fingerprint=fingerprint, metadata={"client": "tally seed"}
+    )
+
+
+async def seed(store: EventStore) -> tuple[int, int]:
+    """Apply the demo commands; returns (new effects, replayed)."""
+    new = replayed = 0
+    for i, command in enumerate((*DEMO_ASSETS, *DEMO_WALLETS, *DEMO_TRANSACTIONS)):
+        ctx = _ctx(f"{i}:{type(command).__name__}", command)
+        try:
+            if isinstance(command, DefineAsset):
+                accepted = await handle_define_asset(store, command, ctx)
+            elif isinstance(command, OpenWallet):
+                accepted = await handle_open_wallet(store, command, ctx)
+            elif isinstance(command, TopUpCredits):
+                accepted = await handle_top_up_credits(store, command, ctx)
+            elif isinstance(command, GrantBonus):
+                accepted = await handle_grant_bonus(store, command, ctx)
+            else:
+                assert isinstance(command, SpendCredits)
+                accepted = await handle_spend_credits(store, command, ctx)
+        except DomainError as exc:  # e.g. the demo wallet was opened by hand first
+            replayed += exc.replayed
+            new += not exc.replayed
+            continue
+        replayed += accepted.replayed
+        new += not accepted.replayed
+    return new, replayed

@@ -1,0 +1,97 @@
+"""Typed settings, read from the environment once (``load_settings``) and passed in explicitly."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+import msgspec
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value Tally cannot use; the message names the variable."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    # PostgreSQL URL. Unset: an embedded PostgreSQL under ``data_dir`` (development and tests).
+    database_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path(".data")
+    pool_min_size: int = 2
+    pool_max_size: int = 20
+    # How long a query with ``consistent_with`` waits for the projections before a 503.
+    consistency_timeout: float = 5.0
+    projector_batch_size: int = 2000
+    # The projector wakes on NOTIFY; this is its fallback poll.
+    projector_poll_interval: float = 1.0
+    # Any session idle inside a transaction longer than this is ended by PostgreSQL: an open
+    # transaction holds back the xmin the projectors read up to, stalling every projection.
+    idle_in_transaction_timeout_ms: int = 5000
+    log_level: str = "info"
+
+
+def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], default: T) -> T:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return convert(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name}={raw!r} is not valid: {exc}") from None
+
+
+def _positive(convert: Callable[[str], T]) -> Callable[[str], T]:
+    def check(raw: str) -> T:
+        value = convert(raw)
+        if not value > 0:  # type: ignore[operator]
+            raise ValueError("must be greater than zero")
+        return value
+
+    return check
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a TCP port, 0 to 65535")
+    return value
+
+
+def _log_level(raw: str) -> str:
+    value = raw.lower()
+    if value not in {"debug", "info", "warning", "error"}:
+        raise ValueError("must be one of debug, info, warning, error")
+    return value
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from ``env`` (default: the process environment), failing loudly."""
+    env = os.environ if env is None else env
+    d = Settings()
+    settings = Settings(
+        database_url=env.get("DATABASE_URL") or None,
+        host=env.get("HOST") or d.host,
+        port=_parse(env, "PORT", _port, d.port),
+        data_dir=_parse(env, "TALLY_DATA_DIR", Path, d.data_dir),
+        pool_min_size=_parse(env, "TALLY_POOL_MIN_SIZE", _positive(int), d.pool_min_size),
+        pool_max_size=_parse(env, "TALLY_POOL_MAX_SIZE", _positive(int), d.pool_max_size),
+        consistency_timeout=_parse(env, "TALLY_CONSISTENCY_TIMEOUT", _positive(float), d.consistency_timeout),
+        projector_batch_size=_parse(
+            env, "TALLY_PROJECTOR_BATCH_SIZE", _positive(int), d.projector_batch_size
+        ),
+        projector_poll_interval=_parse(
+            env, "TALLY_PROJECTOR_POLL_INTERVAL", _positive(float), d.projector_poll_interval
+        ),
+        idle_in_transaction_timeout_ms=_parse(
+            env, "TALLY_IDLE_IN_TRANSACTION_TIMEOUT_MS", _positive(int), d.idle_in_transaction_timeout_ms
+        ),
+        log_level=_parse(env, "TALLY_LOG_LEVEL", _log_level, d.log_level),
+    )
+    if settings.pool_min_size > settings.pool_max_size:
+        raise SettingsError("TALLY_POOL_MIN_SIZE must not exceed TALLY_POOL_MAX_SIZE")
+    return settings

@@ -1,0 +1,149 @@
+"""Queries over the read models. Each names the projection it reads (``PROJECTION``) so a caller
+can wait for that projection with a consistency token first."""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+import msgspec
+
+from domain.errors import WalletNotFound
+from projections.read_models import (
+    Asset,
+    AssetList,
+    Balance,
+    Entry,
+    SystemBalance,
+    SystemBalances,
+    Transaction,
+    TransactionPage,
+    Wallet,
+)
+
+
+class TransactionNotFound(Exception):
+    code = "transaction_not_found"
+
+
+_ASSETS = "SELECT code, name, decimals, created_at FROM rm_assets ORDER BY code"
+_WALLET = """
+SELECT w.version, w.metadata::text AS metadata, w.created_at,
+       coalesce(array_agg(b.asset ORDER BY b.asset) FILTER (WHERE b.asset IS NOT NULL), '{}') AS assets,
+       coalesce(array_agg(b.balance::text ORDER BY b.asset) FILTER (WHERE b.asset IS NOT NULL), '{}')
+           AS balances
+  FROM rm_wallets w LEFT JOIN rm_balances b ON b.user_id = w.user_id
+ WHERE w.user_id = $1 AND w.created_at IS NOT NULL
+ GROUP BY w.user_id
+"""
+_WALLET_EXISTS = "SELECT 1 FROM rm_wallets WHERE user_id = $1 AND created_at IS NOT NULL"
+_TRANSACTION_COLUMNS = """
+transaction_id::text AS transaction_id, kind, user_id, asset, amount, entries::text AS entries,
+reference, metadata::text AS metadata, balance_after::text AS balance_after, wallet_version,
+created_at, consistency_token
+"""
+_HISTORY = f"""
+SELECT {_TRANSACTION_COLUMNS}
+  FROM rm_transactions
+ WHERE user_id = $1 AND ($2::text IS NULL OR asset = $2) AND wallet_version < $3
+ ORDER BY wallet_version DESC
+ LIMIT $4
+"""
+_TRANSACTION = f"SELECT {_TRANSACTION_COLUMNS} FROM rm_transactions WHERE transaction_id = $1"
+_SYSTEM_BALANCES = """
+SELECT asset,
+       coalesce(sum(balance) FILTER (WHERE account = 'treasury'), 0)::text AS treasury,
+       coalesce(sum(balance) FILTER (WHERE account = 'bonus'), 0)::text AS bonus,
+       coalesce(sum(balance) FILTER (WHERE account = 'revenue'), 0)::text AS revenue,
+       coalesce(sum(balance) FILTER (WHERE account = 'users'), 0)::text AS users
+  FROM rm_system_balances
+ GROUP BY asset
+ ORDER BY asset
+"""
+
+_ENTRIES = msgspec.json.Decoder(list[Entry])
+_METADATA = msgspec.json.Decoder(dict[str, str])
+_NO_CURSOR = 2**62
+
+
+async def list_assets(pool: asyncpg.Pool) -> AssetList:
+    rows = await pool.fetch(_ASSETS)
+    return AssetList(items=[Asset(**dict(r)) for r in rows])
+
+
+async def get_wallet(pool: asyncpg.Pool, user_id: str) -> Wallet:
+    row = await pool.fetchrow(_WALLET, user_id)
+    if row is None:
+        raise WalletNotFound(f"no wallet for user {user_id}")
+    return Wallet(
+        user_id=user_id,
+        version=row["version"],
+        balances=[
+            Balance(asset=a, balance=int(b)) for a, b in zip(row["assets"], row["balances"], strict=True)
+        ],
+        metadata=_METADATA.decode(row["metadata"] or "{}"),
+        created_at=row["created_at"],
+    )
+
+
+def encode_cursor(wallet_version: int) -> str:
+    return f"v{wallet_version}"
+
+
+def decode_cursor(cursor: str | None) -> int:
+    """The wallet version to page below; ValueError for a cursor this API did not issue."""
+    if cursor is None:
+        return _NO_CURSOR
+    if not (cursor.startswith("v") and cursor[1:].isdigit() and len(cursor) <= 20):
+        raise ValueError(f"{cursor!r} is not a cursor returned by this API")
+    return int(cursor[1:])
+
+
+def _transaction(row: asyncpg.Record) -> Transaction:
+    return Transaction(
+        transaction_id=row["transaction_id"],
+        kind=row["kind"],
+        user_id=row["user_id"],
+        asset=row["asset"],
+        amount=row["amount"],
+        entries=_ENTRIES.decode(row["entries"]),
+        reference=row["reference"],
+        metadata=_METADATA.decode(row["metadata"]),
+        balance_after=int(row["balance_after"]),
+        wallet_version=row["wallet_version"],
+        created_at=row["created_at"],
+        consistency_token=row["consistency_token"],
+    )
+
+
+async def wallet_history(
+    pool: asyncpg.Pool, user_id: str, *, asset: str | None, limit: int, cursor: str | None
+) -> TransactionPage:
+    """Newest first, keyset-paged on the wallet version (stable under concurrent appends)."""
+    below = decode_cursor(cursor)
+    rows = await pool.fetch(_HISTORY, user_id, asset, below, limit + 1)
+    if not rows and await pool.fetchval(_WALLET_EXISTS, user_id) is None:
+        raise WalletNotFound(f"no wallet for user {user_id}")
+    items = [_transaction(r) for r in rows[:limit]]
+    next_cursor = encode_cursor(items[-1].wallet_version) if len(rows) > limit else None
+    return TransactionPage(items=items, next_cursor=next_cursor)
+
+
+async def get_transaction(pool: asyncpg.Pool, transaction_id: str) -> Transaction:
+    try:
+        key = uuid.UUID(transaction_id)
+    except ValueError:
+        raise TransactionNotFound(f"no transaction {transaction_id}") from None
+    row = await pool.fetchrow(_TRANSACTION, key)
+    if row is None:
+        raise TransactionNotFound(f"no transaction {transaction_id}")
+    return _transaction(row)
+
+
+async def system_balances(pool: asyncpg.Pool) -> SystemBalances:
+    """Per asset, the system accounts and the users' total, and their sum (zero unless broken)."""
+    balances = []
+    for r in await pool.fetch(_SYSTEM_BALANCES):
+        parts = {k: int(r[k]) for k in ("treasury", "bonus", "revenue", "users")}
+        balances.append(SystemBalance(asset=r["asset"], sum=sum(parts.values()), **parts))
+    return SystemBalances(balances=balances)

@@ -1,0 +1,71 @@
+"""The shapes the query side serves (and the command side returns): msgspec Structs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import msgspec
+
+
+class Asset(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    code: str
+    name: str
+    decimals: int
+    created_at: datetime
+    consistency_token: str | None = None
+
+
+class AssetList(msgspec.Struct, frozen=True, kw_only=True):
+    items: list[Asset]
+
+
+class Balance(msgspec.Struct, frozen=True, kw_only=True):
+    asset: str
+    balance: int
+
+
+class Wallet(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    user_id: str
+    version: int
+    balances: list[Balance]
+    metadata: dict[str, str]
+    created_at: datetime
+    consistency_token: str | None = None
+
+
+class Entry(msgspec.Struct, frozen=True, kw_only=True):
+    account: str
+    amount: int
+
+
+class Transaction(msgspec.Struct, frozen=True, kw_only=True):
+    transaction_id: str
+    kind: str
+    user_id: str
+    asset: str
+    amount: int
+    entries: list[Entry]
+    reference: str | None
+    metadata: dict[str, str]
+    balance_after: int
+    wallet_version: int
+    created_at: datetime
+    consistency_token: str
+
+
+class TransactionPage(msgspec.Struct, frozen=True, kw_only=True):
+    items: list[Transaction]
+    next_cursor: str | None
+
+
+class SystemBalance(msgspec.Struct, frozen=True, kw_only=True):
+    asset: str
+    treasury: int
+    bonus: int
+    revenue: int
+    users: int
+    sum: int
+
+
+class SystemBalances(msgspec.Struct, frozen=True, kw_only=True):
+    balances: list[SystemBalance]

@@ -1,0 +1,107 @@
+"""Real PostgreSQL for every test: DATABASE_URL when set, else an embedded server under
+.data/test-pg. The schema is migrated once into a template database; each test gets a fresh copy
+of it, so tests that commit (all of them) never see each other's rows and nothing is truncated."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from litestar.testing import AsyncTestClient
+
+from api.app import create_app
+from api.database import embedded_server
+from api.migrate import migrate
+from api.settings import Settings
+from commands import EventStore
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+async def _create_template(admin_url: str, name: str) -> None:
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    conn = await asyncpg.connect(with_database(admin_url, name))
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+
+
+async def _drop(admin_url: str, name: str) -> None:
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="session")
+def admin_url() -> Iterator[str]:
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield url
+        return
+    with embedded_server(ROOT / ".data" / "test-pg") as server:
+        yield server.get_uri("postgres")
+
+
+@pytest.fixture(scope="session")
+def template_db(admin_url: str) -> Iterator[str]:
+    name = f"tally_test_template_{os.getpid()}"
+    asyncio.run(_create_template(admin_url, name))
+    yield name
+    asyncio.run(_drop(admin_url, name))
+
+
+@pytest.fixture
+async def db_url(admin_url: str, template_db: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test."""
+    name = f"tally_test_{uuid.uuid4().hex[:16]}"
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    finally:
+        await admin.close()
+    yield with_database(admin_url, name)
+    await _drop(admin_url, name)
+
+
+@pytest.fixture
+async def pool(db_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(db_url, min_size=1, max_size=60)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+def store(pool: asyncpg.Pool) -> EventStore:
+    return EventStore(pool)
+
+
+@pytest.fixture
+def settings(db_url: str) -> Settings:
+    return Settings(database_url=db_url, consistency_timeout=5.0, projector_poll_interval=0.2)
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[AsyncTestClient]:  # type: ignore[type-arg]
+    """The whole app over HTTP, with its projector running in-process."""
+    app = create_app(settings, run_projector=True)
+    async with AsyncTestClient(app) as client:
+        yield client

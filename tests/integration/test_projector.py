@@ -1,0 +1,95 @@
+"""The projector never skips an event, whatever order transactions commit in."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from commands import EventStore
+from projections.projector import project_batch
+from tests.helpers import ctx, define_asset, open_wallet, projected
+
+_POST = """SELECT status FROM tally_post_transaction(
+    $1, $2, '{}'::jsonb, gen_random_uuid(), 'CreditsToppedUp', 'top_up', $3, 'GOLD', $4, $4,
+    jsonb_build_array(jsonb_build_object('account', 'system:treasury', 'amount', -$4::bigint),
+                      jsonb_build_object('account', 'user:' || $3, 'amount', $4::bigint)),
+    NULL, '{}'::jsonb, NULL)"""
+
+
+async def _begin_top_up(
+    conn: asyncpg.Connection, user_id: str, amount: int
+) -> asyncpg.transaction.Transaction:
+    tx = conn.transaction()
+    await tx.start()
+    c = ctx()
+    assert await conn.fetchval(_POST, c.command_id, c.fingerprint, user_id, amount) == 201
+    return tx
+
+
+async def _rm_balance(pool: asyncpg.Pool, user_id: str) -> int | None:
+    value = await pool.fetchval(
+        "SELECT balance FROM rm_balances WHERE user_id = $1 AND asset = 'GOLD'", user_id
+    )
+    return None if value is None else int(value)
+
+
+async def test_late_commit_of_an_earlier_position_is_not_skipped(
+    pool: asyncpg.Pool, store: EventStore
+) -> None:
+    await define_asset(store)
+    await open_wallet(store, "early")
+    await open_wallet(store, "late")
+    await projected(pool)
+
+    slow = await pool.acquire()
+    fast = await pool.acquire()
+    try:
+        # `slow` draws the lower global_position but commits last.
+        slow_tx = await _begin_top_up(slow, "early", 7)
+        fast_tx = await _begin_top_up(fast, "late", 11)
+        await fast_tx.commit()
+        visible = await pool.fetch(
+            "SELECT data ->> 'user_id' AS who FROM events WHERE data ->> 'kind' = 'top_up'"
+        )
+        assert [r["who"] for r in visible] == ["late"]  # committed; `early` is still in flight
+        # While `slow` is open, a projection must not move past it, so it applies nothing yet.
+        applied, _ = await project_batch(pool, "wallets", 100)
+        assert applied == 0
+        assert await _rm_balance(pool, "late") is None
+        await slow_tx.commit()
+    finally:
+        await pool.release(slow)
+        await pool.release(fast)
+
+    positions = await pool.fetch(
+        "SELECT data ->> 'user_id' AS who, global_position FROM events WHERE data ->> 'kind' = 'top_up'"
+    )
+    by_user = {r["who"]: r["global_position"] for r in positions}
+    assert by_user["early"] < by_user["late"]  # the out-of-order case really happened
+
+    await projected(pool)
+    assert await _rm_balance(pool, "early") == 7
+    assert await _rm_balance(pool, "late") == 11
+    totals = await pool.fetch("SELECT account, balance FROM rm_system_balances WHERE asset = 'GOLD'")
+    assert {r["account"]: int(r["balance"]) for r in totals} == {
+        "treasury": -18, "bonus": 0, "revenue": 0, "users": 18,
+    }  # fmt: skip
+    history = await pool.fetchval("SELECT count(*) FROM rm_transactions")
+    assert history == 2
+
+
+async def test_each_event_is_applied_once_across_repeated_runs(pool: asyncpg.Pool, store: EventStore) -> None:
+    await define_asset(store)
+    await open_wallet(store, "once")
+    conn = await pool.acquire()
+    try:
+        for amount in (1, 2, 3):
+            tx = await _begin_top_up(conn, "once", amount)
+            await tx.commit()
+    finally:
+        await pool.release(conn)
+    for _ in range(3):
+        await projected(pool)
+    assert await _rm_balance(pool, "once") == 6
+    applied = await pool.fetchval("SELECT events_applied FROM projection_checkpoints WHERE name = 'wallets'")
+    events = await pool.fetchval("SELECT count(*) FROM events")
+    assert applied == events
