@@ -50,6 +50,9 @@ def _serve(url: str, settings: Settings, run_projector: bool) -> None:
     app = create_app(msgspec.structs.replace(settings, database_url=url), run_projector=run_projector)
     base = f"http://{settings.host}:{settings.port}"
     print(f"Tally API on {base}  (docs: {base}/docs, OpenAPI: {base}/docs/openapi.json)", flush=True)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler it found.
+    # Make that a normal exit so the embedded database (if any) is released on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(0))
     uvicorn.run(
         app,
         host=settings.host,

@@ -8,7 +8,9 @@ of the checkout and stopped when the last one exits.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +34,7 @@ def embedded_server(data_dir: Path) -> Iterator[Any]:
     import pgserver
 
     data_dir.mkdir(parents=True, exist_ok=True)
+    _forget_dead_handles(data_dir)
     server = pgserver.get_server(  # type: ignore[attr-defined]
         data_dir.resolve(), cleanup_mode="stop"
     )
@@ -39,6 +42,34 @@ def embedded_server(data_dir: Path) -> Iterator[Any]:
         yield server
     finally:
         server.cleanup()
+
+
+def _forget_dead_handles(data_dir: Path) -> None:
+    """pgserver stops the server when its last *registered* process exits, but never forgets a
+    process that died without cleaning up (SIGKILL, a crash), so the server would then never stop.
+    Drop such processes from its list, under pgserver's own lock."""
+    import fasteners
+    from pgserver.postgres_server import PostgresServer
+
+    handles = data_dir / ".handle_pids.json"
+    with fasteners.InterProcessLock(PostgresServer.lock_path):
+        try:
+            pids = json.loads(handles.read_text())
+        except (FileNotFoundError, ValueError):
+            return
+        alive = [pid for pid in pids if _is_alive(pid)]
+        if alive != pids:
+            handles.write_text(json.dumps(alive))
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager
