@@ -9,8 +9,15 @@ import asyncpg
 import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
+from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import HeaderParameter, Parameter, QueryParameter
+from litestar.params import (
+    FromPath,
+    HeaderParameter,
+    JSONBody,
+    PathParameter,
+    QueryParameter,
+)
 
 from api.dto import DefineAssetRequest, MoveCreditsRequest, OpenWalletRequest, Problem
 from api.errors import IdempotencyKeyMissing, InvalidRequest, decode_strict
@@ -26,7 +33,7 @@ from commands import (
     handle_top_up_credits,
 )
 from domain import DefineAsset, GrantBonus, OpenWallet, SpendCredits, TopUpCredits
-from domain.model import USER_ID_PATTERN
+from domain.model import ASSET_CODE_PATTERN, USER_ID_PATTERN
 from projections import queries
 from projections.positions import Position
 from projections.read_models import (
@@ -65,7 +72,9 @@ ConsistentWith = Annotated[
         description="A consistency_token from a command response: wait until this read reflects it.",
     ),
 ]
-UserIdPath = Annotated[str, Parameter(pattern=USER_ID_PATTERN, description="The wallet owner's user id.")]
+Store = NamedDependency[EventStore]
+Pool = NamedDependency[asyncpg.Pool]
+UserIdPath = Annotated[str, PathParameter(pattern=USER_ID_PATTERN, description="The wallet owner's user id.")]
 
 
 def _problems(*statuses: int) -> dict[int, ResponseSpec]:
@@ -129,9 +138,12 @@ class AssetController(Controller):
 
     @post(status_code=201, summary="Define an asset", responses=_problems(400, 409, 422))
     async def define_asset(
-        self, request: Request[Any, Any, Any], data: DefineAssetRequest, store: EventStore,
+        self,
+        request: Request[Any, Any, Any],
+        data: JSONBody[DefineAssetRequest],
+        store: Store,
         idempotency_key: IdempotencyKey = None,
-    ) -> Response[Asset]:  # fmt: skip
+    ) -> Response[Asset]:
         body = decode_strict(await request.body(), DefineAssetRequest)
         ctx = await _command_context(request, idempotency_key, msgspec.json.encode(body))
         command = DefineAsset(code=body.code, name=body.name, decimals=body.decimals)
@@ -139,7 +151,7 @@ class AssetController(Controller):
 
     @get(summary="List assets", responses=_problems(400, 503))
     async def list_assets(
-        self, state: State, pool: asyncpg.Pool, consistent_with: ConsistentWith = None
+        self, state: State, pool: Pool, consistent_with: ConsistentWith = None
     ) -> AssetList:
         await _wait(state, "wallets", consistent_with)
         return await queries.list_assets(pool)
@@ -151,9 +163,12 @@ class WalletController(Controller):
 
     @post(status_code=201, summary="Open a wallet", responses=_problems(400, 409, 422))
     async def open_wallet(
-        self, request: Request[Any, Any, Any], data: OpenWalletRequest, store: EventStore,
+        self,
+        request: Request[Any, Any, Any],
+        data: JSONBody[OpenWalletRequest],
+        store: Store,
         idempotency_key: IdempotencyKey = None,
-    ) -> Response[Wallet]:  # fmt: skip
+    ) -> Response[Wallet]:
         body = decode_strict(await request.body(), OpenWalletRequest)
         ctx = await _command_context(request, idempotency_key, msgspec.json.encode(body))
         command = OpenWallet(user_id=body.user_id, metadata=body.metadata)
@@ -161,51 +176,88 @@ class WalletController(Controller):
 
     @get("/{user_id:str}", summary="A wallet's balances and version", responses=_problems(400, 404, 503))
     async def get_wallet(
-        self, state: State, pool: asyncpg.Pool, user_id: UserIdPath, consistent_with: ConsistentWith = None
+        self,
+        state: State,
+        pool: Pool,
+        user_id: UserIdPath,
+        consistent_with: ConsistentWith = None,
     ) -> Response[Wallet]:
         await _wait(state, "wallets", consistent_with)
         wallet = await queries.get_wallet(pool, user_id)
         return Response(wallet, headers={"ETag": f'"{wallet.version}"'})
 
-    @post("/{user_id:str}/top-ups", status_code=201, summary="Top up (treasury to user)",
-          responses=_problems(400, 404, 412, 422))  # fmt: skip
+    @post(
+        "/{user_id:str}/top-ups",
+        status_code=201,
+        summary="Top up (treasury to user)",
+        responses=_problems(400, 404, 412, 422),
+    )
     async def top_up_credits(
-        self, request: Request[Any, Any, Any], user_id: UserIdPath, data: MoveCreditsRequest,
-        store: EventStore, idempotency_key: IdempotencyKey = None, if_match: IfMatch = None,
-    ) -> Response[Transaction]:  # fmt: skip
+        self,
+        request: Request[Any, Any, Any],
+        user_id: UserIdPath,
+        data: JSONBody[MoveCreditsRequest],
+        store: Store,
+        idempotency_key: IdempotencyKey = None,
+        if_match: IfMatch = None,
+    ) -> Response[Transaction]:
         body, ctx, version = await _move_credits(request, idempotency_key, if_match)
         command = TopUpCredits(user_id=user_id, expected_version=version, **msgspec.structs.asdict(body))
         return _created(await handle_top_up_credits(store, command, ctx), Transaction)
 
-    @post("/{user_id:str}/bonuses", status_code=201, summary="Grant a bonus (bonus pool to user)",
-          responses=_problems(400, 404, 412, 422))  # fmt: skip
+    @post(
+        "/{user_id:str}/bonuses",
+        status_code=201,
+        summary="Grant a bonus (bonus pool to user)",
+        responses=_problems(400, 404, 412, 422),
+    )
     async def grant_bonus(
-        self, request: Request[Any, Any, Any], user_id: UserIdPath, data: MoveCreditsRequest,
-        store: EventStore, idempotency_key: IdempotencyKey = None, if_match: IfMatch = None,
-    ) -> Response[Transaction]:  # fmt: skip
+        self,
+        request: Request[Any, Any, Any],
+        user_id: UserIdPath,
+        data: JSONBody[MoveCreditsRequest],
+        store: Store,
+        idempotency_key: IdempotencyKey = None,
+        if_match: IfMatch = None,
+    ) -> Response[Transaction]:
         body, ctx, version = await _move_credits(request, idempotency_key, if_match)
         command = GrantBonus(user_id=user_id, expected_version=version, **msgspec.structs.asdict(body))
         return _created(await handle_grant_bonus(store, command, ctx), Transaction)
 
-    @post("/{user_id:str}/spends", status_code=201, summary="Spend (user to revenue)",
-          responses=_problems(400, 404, 409, 412, 422))  # fmt: skip
+    @post(
+        "/{user_id:str}/spends",
+        status_code=201,
+        summary="Spend (user to revenue)",
+        responses=_problems(400, 404, 409, 412, 422),
+    )
     async def spend_credits(
-        self, request: Request[Any, Any, Any], user_id: UserIdPath, data: MoveCreditsRequest,
-        store: EventStore, idempotency_key: IdempotencyKey = None, if_match: IfMatch = None,
-    ) -> Response[Transaction]:  # fmt: skip
+        self,
+        request: Request[Any, Any, Any],
+        user_id: UserIdPath,
+        data: JSONBody[MoveCreditsRequest],
+        store: Store,
+        idempotency_key: IdempotencyKey = None,
+        if_match: IfMatch = None,
+    ) -> Response[Transaction]:
         body, ctx, version = await _move_credits(request, idempotency_key, if_match)
         command = SpendCredits(user_id=user_id, expected_version=version, **msgspec.structs.asdict(body))
         return _created(await handle_spend_credits(store, command, ctx), Transaction)
 
-    @get("/{user_id:str}/transactions", summary="A wallet's transactions, newest first",
-         responses=_problems(400, 404, 503))  # fmt: skip
+    @get(
+        "/{user_id:str}/transactions",
+        summary="A wallet's transactions, newest first",
+        responses=_problems(400, 404, 503),
+    )
     async def wallet_history(
-        self, state: State, pool: asyncpg.Pool, user_id: UserIdPath,
-        asset: Annotated[str | None, Parameter(pattern=r"^[A-Z][A-Z0-9_]{1,15}$")] = None,
-        limit: Annotated[int, Parameter(ge=1, le=200)] = 50,
-        cursor: Annotated[str | None, Parameter(description="next_cursor of the previous page")] = None,
+        self,
+        state: State,
+        pool: Pool,
+        user_id: UserIdPath,
+        asset: Annotated[str | None, QueryParameter(pattern=ASSET_CODE_PATTERN)] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=200)] = 50,
+        cursor: Annotated[str | None, QueryParameter(description="next_cursor of the previous page")] = None,
         consistent_with: ConsistentWith = None,
-    ) -> TransactionPage:  # fmt: skip
+    ) -> TransactionPage:
         await _wait(state, "history", consistent_with)
         try:
             return await queries.wallet_history(pool, user_id, asset=asset, limit=limit, cursor=cursor)
@@ -228,7 +280,11 @@ class TransactionController(Controller):
 
     @get("/{transaction_id:str}", summary="One transaction", responses=_problems(400, 404, 503))
     async def get_transaction(
-        self, state: State, pool: asyncpg.Pool, transaction_id: str, consistent_with: ConsistentWith = None
+        self,
+        state: State,
+        pool: Pool,
+        transaction_id: FromPath[str],
+        consistent_with: ConsistentWith = None,
     ) -> Transaction:
         await _wait(state, "history", consistent_with)
         return await queries.get_transaction(pool, transaction_id)
@@ -238,10 +294,13 @@ class SystemController(Controller):
     path = "/v1/system"
     tags = ["system"]
 
-    @get("/balances", summary="System accounts and users' total per asset (sums to zero)",
-         responses=_problems(400, 503))  # fmt: skip
+    @get(
+        "/balances",
+        summary="System accounts and users' total per asset (sums to zero)",
+        responses=_problems(400, 503),
+    )
     async def system_balances(
-        self, state: State, pool: asyncpg.Pool, consistent_with: ConsistentWith = None
+        self, state: State, pool: Pool, consistent_with: ConsistentWith = None
     ) -> SystemBalances:
         await _wait(state, "system", consistent_with)
         return await queries.system_balances(pool)
