@@ -6,9 +6,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import csv
 import logging
 import signal
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncpg
 import msgspec
@@ -16,6 +19,9 @@ import msgspec
 from api.database import connection_settings, create_pool, database_url
 from api.migrate import MigrationError, migrate
 from api.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from projections.verify import VerifyReport
 
 log = logging.getLogger("tally")
 
@@ -86,7 +92,91 @@ async def _projector(url: str, settings: Settings) -> None:
         await pool.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+async def _verify(url: str) -> VerifyReport:
+    from projections.verify import verify
+
+    conn = await asyncpg.connect(url, server_settings={"application_name": "tally-verify"})
+    try:
+        return await verify(conn)
+    finally:
+        await conn.close()
+
+
+def _report_verification(report: VerifyReport, report_path: str | None) -> int:
+    from projections.verify import summary
+
+    print(summary(report))
+    if report_path:
+        Path(report_path).write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2))
+        print(f"report written to {report_path}")
+    return 0 if report.ok else 1
+
+
+async def _rebuild(url: str, names: list[str], restart: bool, batch: int) -> None:
+    from projections.rebuild import ProgressPrinter, rebuild
+
+    progress = ProgressPrinter()
+    for name in names:
+        result = await rebuild(url, name, restart=restart, batch=batch, progress=progress)
+        how = "resumed and rebuilt" if result.resumed else "rebuilt"
+        print(
+            f"{name}: {how} from {result.events:,} events in {result.seconds:.2f} s "
+            f"({result.events_per_second:,.0f} events/s); generation {result.generation} is live"
+        )
+
+
+async def _balances(url: str, moment_text: str, output: str) -> None:
+    from projections.as_of import Moment, balances_as_of
+
+    moment = Moment.parse(moment_text)
+    conn = await asyncpg.connect(url)
+    try:
+        balances = await balances_as_of(conn, moment)
+    finally:
+        await conn.close()
+    if output == "json":
+        document = {"as_of": moment.describe(), "balances": balances}
+        print(msgspec.json.format(msgspec.json.encode(document), indent=2).decode())
+    elif output == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["account", "asset", "balance"])
+        writer.writerows([b.account, b.asset, b.balance] for b in balances)
+    else:
+        print(f"balances as of {moment.describe()}")
+        print(f"{'asset':<16} {'account':<40} {'balance':>24}")
+        for b in balances:
+            print(f"{b.asset:<16} {b.account:<40} {b.balance:>24}")
+
+
+async def _projections(url: str, action: str, name: str | None, as_json: bool) -> int:
+    from projections.status import projection_status, resume_projection
+
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=1)
+    try:
+        if action == "resume":
+            assert name is not None
+            if not await resume_projection(pool, name):
+                print(f"tally: no projection named {name!r}", file=sys.stderr)
+                return 2
+            print(f"{name}: resumed; the projector retries it on its next round")
+            return 0
+        statuses = await projection_status(pool)
+    finally:
+        await pool.close()
+    if as_json:
+        print(msgspec.json.format(msgspec.json.encode(statuses), indent=2).decode())
+        return 0
+    print(f"{'projection':<10} {'gen':>4} {'applied':>12} {'behind':>8} {'lag s':>8}  state")
+    for st in statuses:
+        state = "running" if st.error is None else f"STOPPED at position {st.error_position}: {st.error}"
+        print(
+            f"{st.name:<10} {st.generation:>4} {st.events_applied:>12,} {st.events_behind:>8,} "
+            f"{st.seconds_behind:>8.3f}  {state}"
+        )
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tally", description="Tally, the wallet ledger")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="apply pending migrations")
@@ -96,7 +186,53 @@ def main(argv: list[str] | None = None) -> int:
         "--projector", action="store_true", help="also run the projector in this process (development)"
     )
     sub.add_parser("projector", help="run the projector (one active per database; others stand by)")
-    args = parser.parse_args(argv)
+    verify = sub.add_parser("verify", help="prove from the events that every balance is right")
+    verify.add_argument("--report", metavar="FILE", help="also write the full report as JSON")
+    rebuild = sub.add_parser("rebuild", help="replay every event into fresh read models, then swap them in")
+    rebuild.add_argument("--projection", choices=["wallets", "history", "system"], help="only this one")
+    rebuild.add_argument("--restart", action="store_true", help="discard an interrupted rebuild's progress")
+    rebuild.add_argument("--batch", type=int, default=20_000, help="events per batch (default 20000)")
+    balances = sub.add_parser("balances", help="every account's balance at a past moment, from the events")
+    balances.add_argument("--as-of", required=True, metavar="TIME|POSITION", help="ISO 8601 time or position")
+    form = balances.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_const", const="json", dest="output", help="JSON output")
+    form.add_argument("--csv", action="store_const", const="csv", dest="output", help="CSV output")
+    projections = sub.add_parser("projections", help="projection status and operations")
+    projections_sub = projections.add_subparsers(dest="action", required=True)
+    status = projections_sub.add_parser("status", help="checkpoints, generation, lag, stops")
+    status.add_argument("--json", action="store_true")
+    resume = projections_sub.add_parser("resume", help="retry a projection stopped by a poison event")
+    resume.add_argument("name", choices=["wallets", "history", "system"])
+    return parser
+
+
+def _dispatch(args: argparse.Namespace, url: str, settings: Settings) -> int:
+    command = args.command
+    if command == "migrate":
+        asyncio.run(_migrate(url))
+    elif command == "seed":
+        asyncio.run(_seed(url, settings))
+    elif command == "serve":
+        _serve(url, settings, args.projector)
+    elif command == "projector":
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_projector(url, settings))
+    elif command == "verify":
+        return _report_verification(asyncio.run(_verify(url)), args.report)
+    elif command == "rebuild":
+        names = [args.projection] if args.projection else ["wallets", "history", "system"]
+        asyncio.run(_rebuild(url, names, args.restart, args.batch))
+    elif command == "balances":
+        asyncio.run(_balances(url, args.as_of, args.output or "table"))
+    else:
+        return asyncio.run(
+            _projections(url, args.action, getattr(args, "name", None), getattr(args, "json", False))
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
 
     try:
         settings = load_settings()
@@ -109,19 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pgserver").setLevel(logging.WARNING)  # it narrates every pg_ctl call at INFO
     try:
         with database_url(settings) as url:
-            if args.command == "migrate":
-                asyncio.run(_migrate(url))
-            elif args.command == "seed":
-                asyncio.run(_seed(url, settings))
-            elif args.command == "serve":
-                _serve(url, settings, args.projector)
-            else:
-                with contextlib.suppress(KeyboardInterrupt):
-                    asyncio.run(_projector(url, settings))
+            return _dispatch(args, url, settings)
     except MigrationError as exc:
         print(f"tally: migration refused: {exc}", file=sys.stderr)
         return 1
-    return 0
+    except ValueError as exc:  # e.g. an --as-of that is neither a time nor a position
+        print(f"tally: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

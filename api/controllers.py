@@ -35,6 +35,7 @@ from commands import (
 from domain import DefineAsset, GrantBonus, OpenWallet, SpendCredits, TopUpCredits
 from domain.model import ASSET_CODE_PATTERN, USER_ID_PATTERN
 from projections import queries
+from projections.as_of import Moment, WalletAsOf, wallet_as_of
 from projections.positions import Position
 from projections.read_models import (
     Asset,
@@ -174,14 +175,31 @@ class WalletController(Controller):
         command = OpenWallet(user_id=body.user_id, metadata=body.metadata)
         return _created(await handle_open_wallet(store, command, ctx), Wallet)
 
-    @get("/{user_id:str}", summary="A wallet's balances and version", responses=_problems(400, 404, 503))
+    @get(
+        "/{user_id:str}",
+        summary="A wallet's balances and version, now or as of a past moment",
+        responses=_problems(400, 404, 503),
+    )
     async def get_wallet(
         self,
         state: State,
         pool: Pool,
         user_id: UserIdPath,
         consistent_with: ConsistentWith = None,
-    ) -> Response[Wallet]:
+        as_of: Annotated[
+            str | None,
+            QueryParameter(
+                description="An ISO 8601 time or a global position: the balances then, computed from the "
+                "events (not the read model)."
+            ),
+        ] = None,
+    ) -> Response[Wallet | WalletAsOf]:
+        if as_of is not None:
+            try:
+                moment = Moment.parse(as_of)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc)) from None
+            return Response(await wallet_as_of(pool, user_id, moment))
         await _wait(state, "wallets", consistent_with)
         wallet = await queries.get_wallet(pool, user_id)
         return Response(wallet, headers={"ETag": f'"{wallet.version}"'})

@@ -39,6 +39,11 @@ class CommandContext(msgspec.Struct, frozen=True, kw_only=True):
     fingerprint: bytes
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
 
+    def metadata_json(self) -> str:
+        """The metadata stored with the command and its events: the caller's, plus the command id
+        (so the audit trail leads from every event to the request that caused it)."""
+        return _json({**self.metadata, "command_id": self.command_id})
+
     @staticmethod
     def fingerprint_of(*parts: str | bytes) -> bytes:
         digest = hashlib.sha256()
@@ -70,13 +75,13 @@ class EventStore:
 
     async def define_asset(self, ctx: CommandContext, *, code: str, name: str, decimals: int) -> Accepted:
         return await self._execute(
-            _DEFINE_ASSET, ctx.command_id, ctx.fingerprint, _json(ctx.metadata), uuid.uuid4(),
+            _DEFINE_ASSET, ctx.command_id, ctx.fingerprint, ctx.metadata_json(), uuid.uuid4(),
             code, name, decimals,
         )  # fmt: skip
 
     async def open_wallet(self, ctx: CommandContext, *, user_id: str, metadata: dict[str, str]) -> Accepted:
         return await self._execute(
-            _OPEN_WALLET, ctx.command_id, ctx.fingerprint, _json(ctx.metadata), uuid.uuid4(),
+            _OPEN_WALLET, ctx.command_id, ctx.fingerprint, ctx.metadata_json(), uuid.uuid4(),
             user_id, _json(metadata),
         )  # fmt: skip
 
@@ -96,7 +101,7 @@ class EventStore:
         expected_version: int | None,
     ) -> Accepted:
         return await self._execute(
-            _POST_TRANSACTION, ctx.command_id, ctx.fingerprint, _json(ctx.metadata), uuid.uuid4(),
+            _POST_TRANSACTION, ctx.command_id, ctx.fingerprint, ctx.metadata_json(), uuid.uuid4(),
             event_type, kind, user_id, asset, amount, user_delta, _json(entries), reference,
             _json(metadata), expected_version,
         )  # fmt: skip

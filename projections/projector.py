@@ -8,7 +8,9 @@ an event committed late, forever. tests/integration/test_projector.py commits tw
 of order and checks that nothing is skipped.
 
 One projector instance is active per database: it holds a session advisory lock on its dedicated
-listening connection; others stand by and take over when that connection goes away.
+listening connection; others stand by and take over when that connection goes away (the process
+died, or the database restarted). tests/integration/test_projector_operations.py kills the active
+one with SIGKILL and watches a standby take over.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from typing import Final
 
 import asyncpg
@@ -37,7 +40,25 @@ PROJECTOR_LOCK_KEY: Final = 0x7A11_0002
 # rounds (and the NOTIFYs that trigger them) lets each round apply a larger batch for the same
 # fixed cost, at the price of at most this much extra lag.
 MIN_ROUND_INTERVAL: Final = 0.005
+RECONNECT_DELAYS: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
+
 _NOTIFY = "SELECT pg_notify($1, $2)"
+_STOPPED = "SELECT name FROM projection_checkpoints WHERE error IS NOT NULL"
+_NEXT_EVENT = """
+SELECT e.global_position, e.stream_id, e.stream_version, e.event_type
+  FROM projection_checkpoints cp, tally_next_events(cp.last_xid, cp.last_position, 1) e
+ WHERE cp.name = $1
+"""
+_STOP_PROJECTION = """
+UPDATE projection_checkpoints SET error = $2, error_position = $3, stopped_at = now() WHERE name = $1
+"""
+_CONNECTION_ERRORS: Final = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+)
 
 
 async def project_batch(pool: asyncpg.Pool, name: str, batch_size: int) -> tuple[int, Position]:
@@ -47,21 +68,59 @@ async def project_batch(pool: asyncpg.Pool, name: str, batch_size: int) -> tuple
     return row["applied"], Position(int(row["last_xid"]), row["last_position"])
 
 
+async def _isolate_poison(pool: asyncpg.Pool, name: str, error: asyncpg.PostgresError) -> None:
+    """A batch failed: apply what precedes the bad event one by one, then stop the projection with
+    the event named. Never skip it (the read model would silently drift) and never retry it in a
+    hot loop (it fails the same way every time)."""
+    while True:
+        try:
+            applied, _ = await project_batch(pool, name, 1)
+        except asyncpg.PostgresError as exc:
+            error = exc
+            break
+        if applied == 0:  # no event fails on its own: the failure was transient; retry next round
+            return
+    event = await pool.fetchrow(_NEXT_EVENT, name)
+    where = "an unknown event"
+    position = None
+    if event is not None:
+        position = event["global_position"]
+        where = (
+            f"event at position {position} ({event['event_type']}, "
+            f"stream {event['stream_id']} version {event['stream_version']})"
+        )
+    message = f"{where}: {type(error).__name__}: {error}"
+    await pool.execute(_STOP_PROJECTION, name, message, position)
+    log.error("projection %s stopped by %s; fix and run `tally projections resume %s`", name, message, name)
+
+
 async def catch_up(pool: asyncpg.Pool, batch_size: int) -> dict[str, Position]:
-    """Apply every event available now to every projection; their checkpoints when done."""
+    """Apply every event available now to every running projection; their checkpoints when done.
+    A projection stopped by a poison event is left alone (see ``tally projections status``)."""
+    stopped = {r["name"] for r in await pool.fetch(_STOPPED)}
     checkpoints = {}
     for name in PROJECTIONS:
+        if name in stopped:
+            continue
         while True:
-            applied, checkpoint = await project_batch(pool, name, batch_size)
-            if applied < batch_size:
+            try:
+                applied, checkpoint = await project_batch(pool, name, batch_size)
+            except _CONNECTION_ERRORS:
+                raise
+            except asyncpg.PostgresError as exc:
+                log.warning("projection %s failed a batch (%s); isolating the event", name, exc)
+                await _isolate_poison(pool, name, exc)
                 break
-        checkpoints[name] = checkpoint
+            if applied < batch_size:
+                checkpoints[name] = checkpoint
+                break
     return checkpoints
 
 
 class Projector:
     """Runs the projections until ``stop`` is set. Woken by NOTIFY on ``tally_events`` (sent by the
-    API after commands commit), polling every ``poll_interval`` seconds as the fallback."""
+    API after commands commit), polling every ``poll_interval`` seconds as the fallback. Survives
+    the database going away: it reconnects with backoff and competes for the active role again."""
 
     def __init__(self, pool: asyncpg.Pool, url: str, *, batch_size: int, poll_interval: float) -> None:
         self._pool = pool
@@ -69,16 +128,36 @@ class Projector:
         self._batch_size = batch_size
         self._poll_interval = poll_interval
         self._wake = asyncio.Event()
+        # Operators (and the failover test) find the active instance by this name in
+        # pg_stat_activity, joined to the advisory lock in pg_locks.
+        self.application_name = f"tally-projector:{os.getpid()}"
 
     async def run(self, stop: asyncio.Event) -> None:
-        listener = await asyncpg.connect(self._url, server_settings={"application_name": "tally-projector"})
+        failures = 0
+        while not stop.is_set():
+            try:
+                await self._run_connected(stop)
+            except _CONNECTION_ERRORS as exc:
+                delay = RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)]
+                failures += 1
+                log.warning("projector lost the database (%s); reconnecting in %.1f s", exc, delay)
+                await _wait_any(asyncio.Event(), stop, delay)
+            else:
+                return
+
+    async def _run_connected(self, stop: asyncio.Event) -> None:
+        listener = await asyncpg.connect(
+            self._url, server_settings={"application_name": self.application_name}
+        )
         try:
             await listener.add_listener(EVENTS_CHANNEL, lambda *_: self._wake.set())
             if not await self._become_active(listener, stop):
                 return
-            log.info("projector active")
+            log.info("projector active (%s)", self.application_name)
             last: dict[str, Position] = {}
             while not stop.is_set():
+                if listener.is_closed():
+                    raise asyncpg.InterfaceError("the listening connection closed")
                 self._wake.clear()
                 checkpoints = await catch_up(self._pool, self._batch_size)
                 if checkpoints != last:
@@ -89,13 +168,16 @@ class Projector:
                 await _wait_any(self._wake, stop, self._poll_interval)
         finally:
             with contextlib.suppress(Exception):
-                await listener.close()
+                await asyncio.wait_for(listener.close(), 2)
 
     async def _become_active(self, listener: asyncpg.Connection, stop: asyncio.Event) -> bool:
+        announced = False
         while not stop.is_set():
             if await listener.fetchval("SELECT pg_try_advisory_lock($1)", PROJECTOR_LOCK_KEY):
                 return True
-            log.info("another projector is active; standing by")
+            if not announced:
+                log.info("another projector is active; standing by")
+                announced = True
             await _wait_any(asyncio.Event(), stop, self._poll_interval)
         return False
 

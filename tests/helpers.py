@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import asyncpg
@@ -70,6 +71,21 @@ async def event_balance(pool: asyncpg.Pool, user_id: str, asset: str = "GOLD") -
     return int(value)
 
 
-async def projected(pool: asyncpg.Pool) -> None:
-    """Run every projection until it has applied everything committed."""
-    await catch_up(pool, batch_size=500)
+async def projected(pool: asyncpg.Pool, within: float = 30.0) -> None:
+    """Run every projection until it has applied every event committed before this call.
+
+    One catch-up round is not enough: a transaction still open anywhere in the cluster (another
+    test database on the same server, say) holds back the xmin the projections may read up to.
+    """
+    total = await pool.fetchval("SELECT count(*) FROM events")
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        await catch_up(pool, batch_size=500)
+        applied = await pool.fetchval(
+            "SELECT min(events_applied) FROM projection_checkpoints WHERE error IS NULL"
+        )
+        if applied >= total:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"projections applied {applied} of {total} events within {within} s")
+        await asyncio.sleep(0.02)

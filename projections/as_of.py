@@ -1,0 +1,92 @@
+"""Balances at a past moment, computed from the events alone (period-end reports).
+
+A moment is a time or a global position. "As of time T" counts the events recorded at or before T
+(``recorded_at`` is the writing transaction's timestamp); "as of position P" counts the events at
+positions up to P. Every transaction is one event, so either cut is balanced: each asset still sums
+to zero.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import asyncpg
+import msgspec
+
+from domain.errors import WalletNotFound
+from projections.read_models import Balance
+
+_CUT = """(($1::timestamptz IS NOT NULL AND e.recorded_at <= $1)
+        OR ($2::bigint IS NOT NULL AND e.global_position <= $2))"""
+
+_ALL_ACCOUNTS = f"""
+SELECT l.account, e.data ->> 'asset' AS asset, sum(l.amount)::text AS balance
+  FROM events e, tally_event_legs(e.data) l
+ WHERE {_CUT}
+ GROUP BY 1, 2
+ ORDER BY 2, 1
+"""
+_WALLET = f"""
+WITH cut AS (SELECT e.* FROM events e WHERE e.stream_id = 'wallet:' || $3 AND {_CUT}),
+     legs AS (SELECT c.data ->> 'asset' AS asset, sum(l.amount) AS balance
+                FROM cut c, tally_event_legs(c.data) l
+               WHERE l.account = 'user:' || $3
+               GROUP BY 1)
+SELECT (SELECT max(stream_version) FROM cut) AS version,
+       coalesce((SELECT jsonb_object_agg(asset, balance) FROM legs), '{{}}')::text AS balances
+"""
+
+
+class Moment(msgspec.Struct, frozen=True):
+    """A time (timezone-aware; a naive one is taken as UTC) or a global position."""
+
+    at: datetime | None = None
+    position: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Moment:
+        text = text.strip()
+        if text.isdigit():
+            return cls(position=int(text))
+        try:
+            at = datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is neither an ISO 8601 time nor a global position") from None
+        return cls(at=at if at.tzinfo else at.replace(tzinfo=UTC))
+
+    def describe(self) -> str:
+        return (
+            f"position {self.position}" if self.position is not None else f"{self.at:%Y-%m-%dT%H:%M:%S.%fZ}"
+        )
+
+
+class AccountBalance(msgspec.Struct, frozen=True, kw_only=True):
+    account: str
+    asset: str
+    balance: int
+
+
+class WalletAsOf(msgspec.Struct, frozen=True, kw_only=True):
+    user_id: str
+    as_of: str
+    version: int
+    balances: list[Balance]
+
+
+async def balances_as_of(conn: asyncpg.Connection | asyncpg.Pool, moment: Moment) -> list[AccountBalance]:
+    rows = await conn.fetch(_ALL_ACCOUNTS, moment.at, moment.position)
+    return [AccountBalance(account=r["account"], asset=r["asset"], balance=int(r["balance"])) for r in rows]
+
+
+async def wallet_as_of(pool: asyncpg.Pool, user_id: str, moment: Moment) -> WalletAsOf:
+    """One wallet's balances and version at ``moment``; WalletNotFound if it did not exist yet."""
+    row = await pool.fetchrow(_WALLET, moment.at, moment.position, user_id)
+    if row is None or row["version"] is None:
+        raise WalletNotFound(f"no wallet for user {user_id} as of {moment.describe()}")
+    by_asset = msgspec.json.decode(row["balances"], type=dict[str, int])
+    return WalletAsOf(
+        user_id=user_id,
+        as_of=moment.describe(),
+        version=row["version"],
+        balances=[Balance(asset=a, balance=b) for a, b in sorted(by_asset.items())],
+    )

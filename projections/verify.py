@@ -1,0 +1,351 @@
+"""``tally verify``: prove from the events alone that every balance Tally serves is right.
+
+All checks run in one read-only REPEATABLE READ transaction, so the events, the stream snapshots,
+the read models and their checkpoints are compared at one instant, while the ledger keeps serving.
+A read-only transaction takes no transaction id, so it does not hold back the xmin that the
+projectors read up to: verifying never stalls them.
+
+Each check is one set-based SQL query returning findings: which check, the stream, version and
+global position concerned, and the expected and found values. The replay here is written
+independently of the projection functions, so a bug in a projection shows up as a disagreement.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Final
+
+import asyncpg
+import msgspec
+
+FINDINGS_PER_CHECK: Final = 1000
+
+
+class Finding(msgspec.Struct, frozen=True, kw_only=True):
+    check: str
+    detail: str
+    stream_id: str | None = None
+    stream_version: int | None = None
+    global_position: int | None = None
+    expected: str | None = None
+    found: str | None = None
+
+
+class CheckResult(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    description: str
+    findings: int
+    truncated: bool
+
+
+class VerifyReport(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool
+    started_at: datetime
+    seconds: float
+    events: int
+    streams: int
+    commands: int
+    checks: list[CheckResult]
+    findings: list[Finding]
+
+
+# The seven columns every check returns, in order.
+_FINDING_FIELDS = ("check", "detail", "stream_id", "stream_version", "global_position", "expected", "found")
+
+# The user's leg of every transaction event, with the running balance it leaves, per wallet and
+# asset in version order: the replay that the balance checks compare against.
+_USER_LEGS = """
+SELECT e.stream_id, e.stream_version, e.global_position, e.transaction_id, e.data ->> 'asset' AS asset,
+       (e.data ->> 'balance_after')::numeric AS recorded_after, leg.delta,
+       sum(leg.delta) OVER (PARTITION BY e.stream_id, e.data ->> 'asset' ORDER BY e.stream_version)
+           AS balance
+  FROM events e
+ CROSS JOIN LATERAL (
+       SELECT coalesce(sum(l.amount), 0)::numeric AS delta
+         FROM tally_event_legs(e.data) l
+        WHERE l.account = 'user:' || substr(e.stream_id, 8)) leg
+ WHERE e.stream_id LIKE 'wallet:%' AND e.data ? 'entries'
+"""
+
+CHECKS: Final[list[tuple[str, str, str]]] = [
+    (
+        "unbalanced_transaction",
+        "every transaction's entries sum to zero",
+        f"""SELECT 'unbalanced_transaction', 'entries of transaction ' || (e.data ->> 'transaction_id')
+                   || ' do not sum to zero', e.stream_id, e.stream_version, e.global_position, '0',
+                   sum(l.amount)::text
+              FROM events e, tally_event_legs(e.data) l
+             GROUP BY e.global_position
+            HAVING sum(l.amount) <> 0
+             ORDER BY e.global_position LIMIT {FINDINGS_PER_CHECK + 1}""",
+    ),
+    (
+        "foreign_user_leg",
+        "credits are closed-loop: a wallet's transactions move only its own user's account",
+        f"""SELECT 'foreign_user_leg', 'transaction moves another user''s account ' || l.account,
+                   e.stream_id, e.stream_version, e.global_position, 'user:' || substr(e.stream_id, 8),
+                   l.account
+              FROM events e, tally_event_legs(e.data) l
+             WHERE l.account LIKE 'user:%' AND l.account <> 'user:' || substr(e.stream_id, 8)
+             ORDER BY e.global_position LIMIT {FINDINGS_PER_CHECK + 1}""",
+    ),
+    (
+        "asset_not_zero_sum",
+        "each asset's balances sum to zero",
+        f"""SELECT 'asset_not_zero_sum', 'the balances of ' || (e.data ->> 'asset') || ' sum to '
+                   || sum(l.amount), NULL::text, NULL::bigint, NULL::bigint, '0', sum(l.amount)::text
+              FROM events e, tally_event_legs(e.data) l
+             GROUP BY e.data ->> 'asset'
+            HAVING sum(l.amount) <> 0 LIMIT {FINDINGS_PER_CHECK + 1}""",
+    ),
+    (
+        "negative_balance",
+        "no user balance was ever negative",
+        f"""SELECT 'negative_balance', 'the ' || asset || ' balance went below zero', stream_id,
+                   stream_version, global_position, '>= 0', balance::text
+              FROM ({_USER_LEGS}) r WHERE balance < 0
+             ORDER BY global_position LIMIT {FINDINGS_PER_CHECK + 1}""",
+    ),
+    (
+        "balance_after_mismatch",
+        "every recorded balance_after equals the replayed balance",
+        f"""SELECT 'balance_after_mismatch', 'balance_after of ' || asset || ' differs from the replay',
+                   stream_id, stream_version, global_position, balance::text, recorded_after::text
+              FROM ({_USER_LEGS}) r WHERE recorded_after IS DISTINCT FROM balance
+             ORDER BY global_position LIMIT {FINDINGS_PER_CHECK + 1}""",
+    ),
+    (
+        "version_gap",
+        "stream versions are gapless from 1",
+        f"""SELECT DISTINCT ON (stream_id) 'version_gap', 'stream versions skip or repeat', stream_id,
+                   stream_version, global_position, expected::text, stream_version::text
+              FROM (SELECT stream_id, stream_version, global_position,
+                           row_number() OVER (PARTITION BY stream_id ORDER BY stream_version) AS expected
+                      FROM events) v
+             WHERE v.stream_version <> v.expected
+             ORDER BY v.stream_id, v.stream_version LIMIT {FINDINGS_PER_CHECK + 1}""",
+    ),
+    (
+        "stream_head_mismatch",
+        "every stream row's version and hash head match its last event",
+        f"""SELECT 'stream_head_mismatch',
+                   CASE WHEN e.stream_id IS NULL THEN 'stream has no events'
+                        WHEN s.stream_id IS NULL THEN 'events of a stream with no stream row'
+                        WHEN s.version <> e.version THEN 'stream version differs from its last event'
+                        ELSE 'stream hash head differs from its last event''s hash' END,
+                   coalesce(s.stream_id, e.stream_id), e.version, e.global_position,
+                   coalesce(e.version::text || ':' || encode(e.hash, 'hex'), 'no events'),
+                   coalesce(s.version::text || ':' || encode(s.last_hash, 'hex'), 'no stream row')
+              FROM streams s
+              FULL JOIN (SELECT DISTINCT ON (stream_id) stream_id, stream_version AS version,
+                                global_position, hash
+                           FROM events ORDER BY stream_id, stream_version DESC) e
+                ON e.stream_id = s.stream_id
+             WHERE s.stream_id IS NULL OR e.stream_id IS NULL OR s.version <> e.version
+                OR s.last_hash <> e.hash
+             LIMIT {FINDINGS_PER_CHECK + 1}""",
+    ),
+    (
+        "hash_chain_broken",
+        "every event's hash is sha256(previous hash of its stream || its canonical bytes)",
+        f"""SELECT 'hash_chain_broken', 'the event does not hash to its stored hash: altered, or its '
+                   || 'predecessor was altered or removed', stream_id, stream_version, global_position,
+                   encode(expected, 'hex'), encode(hash, 'hex')
+              FROM (SELECT e.stream_id, e.stream_version, e.global_position, e.hash,
+                           sha256(coalesce(lag(e.hash) OVER (PARTITION BY e.stream_id
+                                                             ORDER BY e.stream_version),
+                                           tally_genesis_hash())
+                                  || tally_event_bytes(e.stream_id, e.stream_version, e.event_id,
+                                                       e.event_type, e.data, e.metadata, e.recorded_at))
+                               AS expected
+                      FROM events e) h
+             WHERE hash <> expected
+             ORDER BY global_position LIMIT {FINDINGS_PER_CHECK + 1}""",
+    ),
+    (
+        "snapshot_mismatch",
+        "the write side's wallet snapshots equal the replay",
+        f"""WITH replay AS (
+                SELECT stream_id, asset, sum(delta) AS balance FROM ({_USER_LEGS}) r GROUP BY 1, 2
+            ), snapshot AS (
+                SELECT s.stream_id, b.key AS asset, b.value::text::numeric AS balance
+                  FROM streams s, jsonb_each(s.state -> 'balances') b WHERE s.stream_type = 'wallet'
+            )
+            SELECT 'snapshot_mismatch', 'the stream snapshot''s ' || coalesce(r.asset, n.asset)
+                   || ' balance differs from the replay', coalesce(r.stream_id, n.stream_id),
+                   NULL::bigint, NULL::bigint, coalesce(r.balance, 0)::text, coalesce(n.balance, 0)::text
+              FROM replay r FULL JOIN snapshot n ON n.stream_id = r.stream_id AND n.asset = r.asset
+             WHERE coalesce(r.balance, 0) <> coalesce(n.balance, 0)
+             LIMIT {FINDINGS_PER_CHECK + 1}""",
+    ),
+    (
+        "read_model_balances",
+        "the live balances read model equals the replay up to its checkpoint",
+        f"""WITH cp AS (SELECT last_xid, last_position FROM projection_checkpoints WHERE name = 'wallets'),
+            replay AS (
+                SELECT substr(l.account, 6) AS user_id, e.data ->> 'asset' AS asset, sum(l.amount) AS balance
+                  FROM cp, events e, tally_event_legs(e.data) l
+                 WHERE (e.transaction_id, e.global_position) <= (cp.last_xid, cp.last_position)
+                   AND l.account LIKE 'user:%'
+                 GROUP BY 1, 2)
+            SELECT 'read_model_balances', 'rm_balances of ' || coalesce(r.asset, b.asset)
+                   || ' differs from the replay', 'wallet:' || coalesce(r.user_id, b.user_id),
+                   NULL::bigint, NULL::bigint, coalesce(r.balance, 0)::text, coalesce(b.balance, 0)::text
+              FROM replay r FULL JOIN rm_balances b ON b.user_id = r.user_id AND b.asset = r.asset
+             WHERE coalesce(r.balance, 0) <> coalesce(b.balance, 0)
+             LIMIT {FINDINGS_PER_CHECK + 1}""",
+    ),
+    (
+        "read_model_wallets",
+        "the live wallets read model (versions, assets) equals the replay up to its checkpoint",
+        f"""WITH cp AS (SELECT last_xid, last_position FROM projection_checkpoints WHERE name = 'wallets'),
+            upto AS (SELECT e.* FROM cp, events e
+                      WHERE (e.transaction_id, e.global_position) <= (cp.last_xid, cp.last_position)),
+            replay AS (SELECT substr(stream_id, 8) AS user_id, max(stream_version) AS version
+                         FROM upto WHERE stream_id LIKE 'wallet:%' GROUP BY 1),
+            assets AS (SELECT data ->> 'code' AS code FROM upto WHERE event_type = 'AssetDefined')
+            SELECT 'read_model_wallets', 'rm_wallets version differs from the replay',
+                   'wallet:' || coalesce(r.user_id, w.user_id), NULL::bigint, NULL::bigint,
+                   coalesce(r.version::text, 'absent'), coalesce(w.version::text, 'absent')
+              FROM replay r FULL JOIN rm_wallets w ON w.user_id = r.user_id
+             WHERE r.version IS DISTINCT FROM w.version
+            UNION ALL
+            SELECT 'read_model_wallets', 'rm_assets differs from the AssetDefined events',
+                   'asset:' || coalesce(a.code, m.code), NULL, NULL,
+                   CASE WHEN a.code IS NULL THEN 'absent' ELSE 'present' END,
+                   CASE WHEN m.code IS NULL THEN 'absent' ELSE 'present' END
+              FROM assets a FULL JOIN rm_assets m ON m.code = a.code
+             WHERE a.code IS NULL OR m.code IS NULL
+             LIMIT {FINDINGS_PER_CHECK + 1}""",
+    ),
+    (
+        "read_model_history",
+        "the live history read model holds exactly the transaction events up to its checkpoint",
+        f"""WITH cp AS (SELECT last_xid, last_position FROM projection_checkpoints WHERE name = 'history'),
+            replay AS (SELECT e.* FROM cp, events e
+                        WHERE (e.transaction_id, e.global_position) <= (cp.last_xid, cp.last_position)
+                          AND e.data ? 'entries')
+            SELECT 'read_model_history', 'rm_transactions differs from the event', coalesce(r.stream_id,
+                   'wallet:' || t.user_id), coalesce(r.stream_version, t.wallet_version), r.global_position,
+                   coalesce(jsonb_build_object('user_id', r.data ->> 'user_id', 'amount',
+                            (r.data ->> 'amount')::bigint, 'balance_after', r.data -> 'balance_after',
+                            'entries', r.data -> 'entries', 'version', r.stream_version)::text, 'absent'),
+                   coalesce(jsonb_build_object('user_id', t.user_id, 'amount', t.amount, 'balance_after',
+                            t.balance_after, 'entries', t.entries, 'version', t.wallet_version)::text,
+                            'absent')
+              FROM replay r FULL JOIN rm_transactions t ON t.transaction_id = r.event_id
+             WHERE r.event_id IS NULL OR t.transaction_id IS NULL
+                OR t.user_id <> r.data ->> 'user_id' OR t.amount <> (r.data ->> 'amount')::bigint
+                OR t.balance_after <> (r.data ->> 'balance_after')::numeric
+                OR t.entries <> r.data -> 'entries' OR t.wallet_version <> r.stream_version
+             LIMIT {FINDINGS_PER_CHECK + 1}""",
+    ),
+    (
+        "read_model_system",
+        "the live system balances equal the replay up to their checkpoint",
+        f"""WITH cp AS (SELECT last_xid, last_position FROM projection_checkpoints WHERE name = 'system'),
+            replay AS (
+                SELECT e.data ->> 'asset' AS asset,
+                       CASE WHEN l.account LIKE 'user:%' THEN 'users'
+                            ELSE substr(l.account, 8) END AS account,
+                       sum(l.amount) AS balance
+                  FROM cp, events e, tally_event_legs(e.data) l
+                 WHERE (e.transaction_id, e.global_position) <= (cp.last_xid, cp.last_position)
+                 GROUP BY 1, 2)
+            SELECT 'read_model_system', 'rm_system_balances ' || coalesce(r.asset, s.asset) || '/'
+                   || coalesce(r.account, s.account) || ' differs from the replay', NULL, NULL, NULL,
+                   coalesce(r.balance, 0)::text, coalesce(s.balance, 0)::text
+              FROM replay r FULL JOIN rm_system_balances s ON s.asset = r.asset AND s.account = r.account
+             WHERE coalesce(r.balance, 0) <> coalesce(s.balance, 0)
+             LIMIT {FINDINGS_PER_CHECK + 1}""",
+    ),
+    (
+        "command_outcome",
+        "every command id maps to exactly one outcome, and every event to exactly one command",
+        f"""SELECT 'command_outcome', 'command ' || c.command_id || ' has no outcome', c.stream_id,
+                   NULL::bigint, NULL::bigint, 'an outcome', 'none'
+              FROM commands c WHERE c.status IS NULL
+            UNION ALL
+            SELECT 'command_outcome', 'accepted command ' || c.command_id || ' has no event', c.stream_id,
+                   NULL, NULL, coalesce(c.event_id::text, 'an event id'), 'no such event'
+              FROM commands c LEFT JOIN events e ON e.event_id = c.event_id
+             WHERE c.status = 201 AND e.event_id IS NULL
+            UNION ALL
+            SELECT 'command_outcome', 'event ' || e.event_id || ' was caused by '
+                   || count(c.command_id) || ' commands', e.stream_id, e.stream_version, e.global_position,
+                   '1', count(c.command_id)::text
+              FROM events e LEFT JOIN commands c ON c.event_id = e.event_id
+             GROUP BY e.global_position HAVING count(c.command_id) <> 1
+            UNION ALL
+            SELECT 'command_outcome', 'event metadata names another command', e.stream_id,
+                   e.stream_version, e.global_position, c.command_id, e.metadata ->> 'command_id'
+              FROM events e JOIN commands c ON c.event_id = e.event_id
+             WHERE e.metadata ? 'command_id' AND e.metadata ->> 'command_id' <> c.command_id
+             LIMIT {FINDINGS_PER_CHECK + 1}""",
+    ),
+]
+
+_TOTALS = """
+SELECT (SELECT count(*) FROM events) AS events, (SELECT count(*) FROM streams) AS streams,
+       (SELECT count(*) FROM commands) AS commands
+"""
+
+
+async def verify(conn: asyncpg.Connection) -> VerifyReport:
+    """Run every check in one consistent snapshot; the report lists each check and its findings."""
+    started_at = datetime.now(UTC)
+    clock = time.perf_counter()
+    findings: list[Finding] = []
+    results: list[CheckResult] = []
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        totals = await conn.fetchrow(_TOTALS)
+        assert totals is not None
+        for name, description, sql in CHECKS:
+            rows = await conn.fetch(sql)
+            truncated = len(rows) > FINDINGS_PER_CHECK
+            rows = rows[:FINDINGS_PER_CHECK]
+            results.append(
+                CheckResult(name=name, description=description, findings=len(rows), truncated=truncated)
+            )
+            findings.extend(Finding(**dict(zip(_FINDING_FIELDS, r, strict=True))) for r in rows)
+    return VerifyReport(
+        ok=not findings,
+        started_at=started_at,
+        seconds=round(time.perf_counter() - clock, 3),
+        events=totals["events"],
+        streams=totals["streams"],
+        commands=totals["commands"],
+        checks=results,
+        findings=findings,
+    )
+
+
+def summary(report: VerifyReport, *, shown: int = 20) -> str:
+    """The human summary: one line per check, then the first findings."""
+    lines = [
+        f"tally verify: {report.events} events, {report.streams} streams, {report.commands} commands "
+        f"checked in {report.seconds:.2f} s",
+    ]
+    for check in report.checks:
+        mark = "ok  " if check.findings == 0 else "FAIL"
+        more = "+" if check.truncated else ""
+        lines.append(f"  {mark} {check.name:<24} {check.findings}{more} findings  ({check.description})")
+    for finding in report.findings[:shown]:
+        where = ", ".join(
+            f"{k} {v}"
+            for k, v in (
+                ("stream", finding.stream_id),
+                ("version", finding.stream_version),
+                ("position", finding.global_position),
+            )
+            if v is not None
+        )
+        lines.append(
+            f"  - {finding.check}: {finding.detail} [{where}] "
+            f"expected {finding.expected}, found {finding.found}"
+        )
+    if len(report.findings) > shown:
+        lines.append(f"  … and {len(report.findings) - shown} more in the JSON report")
+    lines.append("RESULT: " + ("every check passed" if report.ok else f"{len(report.findings)} findings"))
+    return "\n".join(lines)
