@@ -10,6 +10,7 @@ import csv
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -115,14 +116,24 @@ def _report_verification(report: VerifyReport, report_path: str | None) -> int:
 async def _rebuild(url: str, names: list[str], restart: bool, batch: int) -> None:
     from projections.rebuild import ProgressPrinter, rebuild
 
+    # The projections are independent (own tables, own rebuild schema, own connection), so they are
+    # rebuilt concurrently: on two cores, three rebuilds together finish well before three in a row.
     progress = ProgressPrinter()
-    for name in names:
-        result = await rebuild(url, name, restart=restart, batch=batch, progress=progress)
+    clock = time.perf_counter()
+    results = await asyncio.gather(
+        *(rebuild(url, name, restart=restart, batch=batch, progress=progress) for name in names)
+    )
+    for result in results:
         how = "resumed and rebuilt" if result.resumed else "rebuilt"
         print(
-            f"{name}: {how} from {result.events:,} events in {result.seconds:.2f} s "
+            f"{result.projection}: {how} from {result.events:,} events in {result.seconds:.2f} s "
             f"({result.events_per_second:,.0f} events/s); generation {result.generation} is live"
         )
+    if len(results) > 1:
+        seconds = time.perf_counter() - clock
+        events = max(r.events for r in results)
+        print(f"all: {events:,} events into {len(results)} projections in {seconds:.2f} s "
+              f"({events / seconds:,.0f} events/s)")  # fmt: skip
 
 
 async def _balances(url: str, moment_text: str, output: str) -> None:

@@ -37,6 +37,7 @@ class CheckResult(msgspec.Struct, frozen=True, kw_only=True):
     description: str
     findings: int
     truncated: bool
+    seconds: float
 
 
 class VerifyReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -302,11 +303,18 @@ async def verify(conn: asyncpg.Connection) -> VerifyReport:
         totals = await conn.fetchrow(_TOTALS)
         assert totals is not None
         for name, description, sql in CHECKS:
+            check_clock = time.perf_counter()
             rows = await conn.fetch(sql)
             truncated = len(rows) > FINDINGS_PER_CHECK
             rows = rows[:FINDINGS_PER_CHECK]
             results.append(
-                CheckResult(name=name, description=description, findings=len(rows), truncated=truncated)
+                CheckResult(
+                    name=name,
+                    description=description,
+                    findings=len(rows),
+                    truncated=truncated,
+                    seconds=round(time.perf_counter() - check_clock, 3),
+                )
             )
             findings.extend(Finding(**dict(zip(_FINDING_FIELDS, r, strict=True))) for r in rows)
     return VerifyReport(
@@ -330,7 +338,10 @@ def summary(report: VerifyReport, *, shown: int = 20) -> str:
     for check in report.checks:
         mark = "ok  " if check.findings == 0 else "FAIL"
         more = "+" if check.truncated else ""
-        lines.append(f"  {mark} {check.name:<24} {check.findings}{more} findings  ({check.description})")
+        lines.append(
+            f"  {mark} {check.name:<24} {check.findings}{more} findings {check.seconds:7.2f} s"
+            f"  ({check.description})"
+        )
     for finding in report.findings[:shown]:
         where = ", ".join(
             f"{k} {v}"
