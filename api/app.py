@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.resources
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
-from litestar import Litestar, get
+from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.plugins.prometheus import PrometheusConfig
+from litestar.static_files import create_static_files_router
 
 from api.controllers import AssetController, SystemController, TransactionController, WalletController
 from api.database import create_pool
 from api.errors import EXCEPTION_HANDLERS
+from api.health import health_live, health_ready, metrics
+from api.observability import request_id_middleware
 from api.settings import Settings
 from commands import EventStore
 from projections.projector import Projector, ProjectorWaker
@@ -35,9 +41,12 @@ query as `consistent_with` to read your own writes. Errors are RFC 9457 problem+
 """
 
 
-@get("/health/live", tags=["health"], summary="The process is up", include_in_schema=True)
-async def health_live() -> dict[str, str]:
-    return {"status": "ok"}
+DOCS_ASSETS_PATH = "/docs/assets"
+
+
+def swagger_ui_assets() -> Path:
+    """Swagger UI's static files, as packaged by swagger-ui-py."""
+    return Path(str(importlib.resources.files("swagger_ui") / "static"))
 
 
 def create_app(settings: Settings, *, run_projector: bool = False) -> Litestar:
@@ -74,6 +83,11 @@ def create_app(settings: Settings, *, run_projector: bool = False) -> Litestar:
             await watcher.close()
             await pool.close()
 
+    # Request counts and latency histograms by route template and status.
+    prometheus = PrometheusConfig(
+        app_name="tally", prefix="tally", group_path=True, exclude=["/metrics", "/docs", "/health"]
+    )
+
     def provide_pool(state: State) -> asyncpg.Pool:
         pool: asyncpg.Pool = state.pool
         return pool
@@ -89,7 +103,13 @@ def create_app(settings: Settings, *, run_projector: bool = False) -> Litestar:
             TransactionController,
             SystemController,
             health_live,
+            health_ready,
+            metrics,
+            create_static_files_router(
+                path=DOCS_ASSETS_PATH, directories=[swagger_ui_assets()], include_in_schema=False
+            ),
         ],
+        middleware=[request_id_middleware, prometheus.middleware],
         lifespan=[lifespan],
         state=State({"settings": settings}),
         dependencies={
@@ -97,11 +117,23 @@ def create_app(settings: Settings, *, run_projector: bool = False) -> Litestar:
             "store": Provide(provide_store, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
+        # Logging is configured once for the process (api.observability.configure_logging).
+        logging_config=None,
         openapi_config=OpenAPIConfig(
             title="Tally",
             version="0.1.0",
             description=DESCRIPTION,
             path="/docs",
-            render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin(path="/swagger")],
+            # Served from the app itself (swagger-ui-py packages Swagger UI), so the docs page works
+            # on a network with no internet access.
+            render_plugins=[
+                SwaggerRenderPlugin(
+                    path="/",
+                    js_url=f"{DOCS_ASSETS_PATH}/swagger-ui-bundle.js",
+                    css_url=f"{DOCS_ASSETS_PATH}/swagger-ui.css",
+                    standalone_preset_js_url=f"{DOCS_ASSETS_PATH}/swagger-ui-standalone-preset.js",
+                    favicon=f'<link rel="icon" type="image/png" href="{DOCS_ASSETS_PATH}/favicon-32x32.png">',
+                )
+            ],
         ),
     )

@@ -19,6 +19,7 @@ import msgspec
 
 from api.database import connection_settings, create_pool, database_url
 from api.migrate import MigrationError, migrate
+from api.observability import configure_logging
 from api.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
@@ -67,7 +68,8 @@ def _serve(url: str, settings: Settings, run_projector: bool) -> None:
         loop="uvloop",
         http="httptools",
         log_level=settings.log_level,
-        access_log=False,
+        access_log=False,  # api.observability writes one access line per request, with its id
+        log_config=None,  # keep the handlers configure_logging installed
         timeout_graceful_shutdown=10,
     )
 
@@ -250,10 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"tally: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("pgserver").setLevel(logging.WARNING)  # it narrates every pg_ctl call at INFO
+    configure_logging(settings.log_level, settings.log_format)
     try:
         with database_url(settings) as url:
             return _dispatch(args, url, settings)

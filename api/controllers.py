@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
+from collections.abc import Awaitable
 from typing import Annotated, Any, Final, TypeVar
 
 import asyncpg
@@ -21,18 +24,28 @@ from litestar.params import (
 
 from api.dto import DefineAssetRequest, MoveCreditsRequest, OpenWalletRequest, Problem
 from api.errors import IdempotencyKeyMissing, InvalidRequest, decode_strict
+from api.observability import COMMANDS, REQUEST_ID
 from api.settings import Settings
 from commands import (
     Accepted,
     CommandContext,
     EventStore,
+    IdempotencyKeyReused,
     handle_define_asset,
     handle_grant_bonus,
     handle_open_wallet,
     handle_spend_credits,
     handle_top_up_credits,
 )
-from domain import DefineAsset, GrantBonus, OpenWallet, SpendCredits, TopUpCredits
+from domain import (
+    DefineAsset,
+    DomainError,
+    GrantBonus,
+    InsufficientFunds,
+    OpenWallet,
+    SpendCredits,
+    TopUpCredits,
+)
 from domain.model import ASSET_CODE_PATTERN, USER_ID_PATTERN
 from projections import queries
 from projections.as_of import Moment, WalletAsOf, wallet_as_of
@@ -48,6 +61,7 @@ from projections.read_models import (
 from projections.watcher import ProjectionWatcher
 
 T = TypeVar("T")
+log = logging.getLogger("tally.commands")
 
 _IDEMPOTENCY_KEY: Final = re.compile(r"^[\x20-\x7e]{1,255}$")
 _ETAG: Final = re.compile(r'^(?:W/)?"?(\d{1,18})"?$')
@@ -100,8 +114,8 @@ async def _command_context(
         request.method, request.url.path, canonical_body, if_match or ""
     )
     metadata = {"path": request.url.path}
-    if request_id := request.headers.get("x-request-id"):
-        metadata["request_id"] = request_id[:128]
+    if request_id := REQUEST_ID.get():
+        metadata["request_id"] = request_id
     if client := request.headers.get("user-agent"):
         metadata["client"] = client[:128]
     return CommandContext(command_id=key, fingerprint=fingerprint, metadata=metadata)
@@ -116,12 +130,50 @@ def _expected_version(if_match: str | None) -> int | None:
     return int(match.group(1))
 
 
-def _created(accepted: Accepted, type_: type[T]) -> Response[T]:
+def _record(kind: str, ctx: CommandContext, outcome: str, **fields: str | None) -> None:
+    COMMANDS.labels(kind, outcome).inc()
+    log.info(
+        "command %s %s",
+        kind,
+        outcome,
+        extra={"kind": kind, "idempotency_key": ctx.command_id, "outcome": outcome, **fields},
+    )
+
+
+async def _command(
+    kind: str, ctx: CommandContext, pending: Awaitable[Accepted], type_: type[T]
+) -> Response[T]:
+    """Run a command handler; count its outcome and log it with its key and transaction id."""
+    try:
+        accepted = await pending
+    except DomainError as exc:
+        if exc.replayed:
+            _record(kind, ctx, "replayed", code=exc.code)
+        else:
+            _record(
+                kind,
+                ctx,
+                "insufficient_funds" if isinstance(exc, InsufficientFunds) else "rejected",
+                code=exc.code,
+            )
+        raise
+    except IdempotencyKeyReused:
+        _record(kind, ctx, "rejected", code=IdempotencyKeyReused.code)
+        raise
+    result = msgspec.json.decode(accepted.body, type=type_)
+    _record(
+        kind,
+        ctx,
+        "replayed" if accepted.replayed else "accepted",
+        transaction_id=getattr(result, "transaction_id", None),
+        user_id=getattr(result, "user_id", None),
+    )
     headers = {"Idempotent-Replayed": "true"} if accepted.replayed else {}
-    return Response(msgspec.json.decode(accepted.body, type=type_), status_code=201, headers=headers)
+    return Response(result, status_code=201, headers=headers)
 
 
-async def _wait(state: State, projection: str, consistent_with: str | None) -> None:
+async def _wait(state: State, projections: tuple[str, ...], consistent_with: str | None) -> None:
+    """Wait until every projection the query reads has applied ``consistent_with``."""
     if consistent_with is None:
         return
     try:
@@ -130,7 +182,10 @@ async def _wait(state: State, projection: str, consistent_with: str | None) -> N
         raise InvalidRequest(str(exc)) from None
     watcher: ProjectionWatcher = state.watcher
     settings: Settings = state.settings
-    await watcher.wait_for(projection, token, settings.consistency_timeout)
+    deadline = asyncio.get_running_loop().time() + settings.consistency_timeout
+    for projection in projections:
+        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+        await watcher.wait_for(projection, token, remaining)
 
 
 class AssetController(Controller):
@@ -148,13 +203,13 @@ class AssetController(Controller):
         body = decode_strict(await request.body(), DefineAssetRequest)
         ctx = await _command_context(request, idempotency_key, msgspec.json.encode(body))
         command = DefineAsset(code=body.code, name=body.name, decimals=body.decimals)
-        return _created(await handle_define_asset(store, command, ctx), Asset)
+        return await _command("define_asset", ctx, handle_define_asset(store, command, ctx), Asset)
 
     @get(summary="List assets", responses=_problems(400, 503))
     async def list_assets(
         self, state: State, pool: Pool, consistent_with: ConsistentWith = None
     ) -> AssetList:
-        await _wait(state, "wallets", consistent_with)
+        await _wait(state, ("wallets",), consistent_with)
         return await queries.list_assets(pool)
 
 
@@ -173,7 +228,7 @@ class WalletController(Controller):
         body = decode_strict(await request.body(), OpenWalletRequest)
         ctx = await _command_context(request, idempotency_key, msgspec.json.encode(body))
         command = OpenWallet(user_id=body.user_id, metadata=body.metadata)
-        return _created(await handle_open_wallet(store, command, ctx), Wallet)
+        return await _command("open_wallet", ctx, handle_open_wallet(store, command, ctx), Wallet)
 
     @get(
         "/{user_id:str}",
@@ -200,7 +255,7 @@ class WalletController(Controller):
             except ValueError as exc:
                 raise InvalidRequest(str(exc)) from None
             return Response(await wallet_as_of(pool, user_id, moment))
-        await _wait(state, "wallets", consistent_with)
+        await _wait(state, ("wallets",), consistent_with)
         wallet = await queries.get_wallet(pool, user_id)
         return Response(wallet, headers={"ETag": f'"{wallet.version}"'})
 
@@ -221,7 +276,7 @@ class WalletController(Controller):
     ) -> Response[Transaction]:
         body, ctx, version = await _move_credits(request, idempotency_key, if_match)
         command = TopUpCredits(user_id=user_id, expected_version=version, **msgspec.structs.asdict(body))
-        return _created(await handle_top_up_credits(store, command, ctx), Transaction)
+        return await _command("top_up", ctx, handle_top_up_credits(store, command, ctx), Transaction)
 
     @post(
         "/{user_id:str}/bonuses",
@@ -240,7 +295,7 @@ class WalletController(Controller):
     ) -> Response[Transaction]:
         body, ctx, version = await _move_credits(request, idempotency_key, if_match)
         command = GrantBonus(user_id=user_id, expected_version=version, **msgspec.structs.asdict(body))
-        return _created(await handle_grant_bonus(store, command, ctx), Transaction)
+        return await _command("bonus", ctx, handle_grant_bonus(store, command, ctx), Transaction)
 
     @post(
         "/{user_id:str}/spends",
@@ -259,7 +314,7 @@ class WalletController(Controller):
     ) -> Response[Transaction]:
         body, ctx, version = await _move_credits(request, idempotency_key, if_match)
         command = SpendCredits(user_id=user_id, expected_version=version, **msgspec.structs.asdict(body))
-        return _created(await handle_spend_credits(store, command, ctx), Transaction)
+        return await _command("spend", ctx, handle_spend_credits(store, command, ctx), Transaction)
 
     @get(
         "/{user_id:str}/transactions",
@@ -276,7 +331,8 @@ class WalletController(Controller):
         cursor: Annotated[str | None, QueryParameter(description="next_cursor of the previous page")] = None,
         consistent_with: ConsistentWith = None,
     ) -> TransactionPage:
-        await _wait(state, "history", consistent_with)
+        # The history lives in `history`; whether the wallet exists is read from `wallets`.
+        await _wait(state, ("history", "wallets"), consistent_with)
         try:
             return await queries.wallet_history(pool, user_id, asset=asset, limit=limit, cursor=cursor)
         except ValueError as exc:
@@ -304,7 +360,7 @@ class TransactionController(Controller):
         transaction_id: FromPath[str],
         consistent_with: ConsistentWith = None,
     ) -> Transaction:
-        await _wait(state, "history", consistent_with)
+        await _wait(state, ("history",), consistent_with)
         return await queries.get_transaction(pool, transaction_id)
 
 
@@ -320,5 +376,5 @@ class SystemController(Controller):
     async def system_balances(
         self, state: State, pool: Pool, consistent_with: ConsistentWith = None
     ) -> SystemBalances:
-        await _wait(state, "system", consistent_with)
+        await _wait(state, ("system",), consistent_with)
         return await queries.system_balances(pool)

@@ -31,7 +31,13 @@ def embedded_server(data_dir: Path) -> Iterator[Any]:
     # Imported here: deployments with DATABASE_URL never load it. pgserver keeps a lock file in the
     # user's runtime dir and warns when XDG_RUNTIME_DIR is unset (containers, CI); that is harmless.
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR", category=UserWarning)
-    import pgserver
+    try:
+        import pgserver
+    except ImportError:
+        raise RuntimeError(
+            "DATABASE_URL is unset and the embedded PostgreSQL is not installed: "
+            "set DATABASE_URL, or pip install 'tally[embedded]'"
+        ) from None
 
     data_dir.mkdir(parents=True, exist_ok=True)
     _forget_dead_handles(data_dir)

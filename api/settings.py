@@ -12,6 +12,15 @@ import msgspec
 T = TypeVar("T")
 
 
+# Every variable Tally reads (tests check that deployment files reference only these).
+ENVIRONMENT_VARIABLES = (
+    "DATABASE_URL", "HOST", "PORT", "TALLY_DATA_DIR", "TALLY_POOL_MIN_SIZE", "TALLY_POOL_MAX_SIZE",
+    "TALLY_CONSISTENCY_TIMEOUT", "TALLY_PROJECTOR_BATCH_SIZE", "TALLY_PROJECTOR_POLL_INTERVAL",
+    "TALLY_IDLE_IN_TRANSACTION_TIMEOUT_MS", "TALLY_LOG_LEVEL", "TALLY_LOG_FORMAT",
+    "TALLY_READY_MAX_LAG_SECONDS", "TALLY_MIGRATIONS_DIR",
+)  # fmt: skip
+
+
 class SettingsError(ValueError):
     """An environment variable holds a value Tally cannot use; the message names the variable."""
 
@@ -33,6 +42,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # transaction holds back the xmin the projectors read up to, stalling every projection.
     idle_in_transaction_timeout_ms: int = 5000
     log_level: str = "info"
+    # "json": one JSON object per line (production); "console": human-readable lines.
+    log_format: str = "json"
+    # /health/ready answers 503 when a projection is stopped or further behind than this.
+    ready_max_lag_seconds: float = 60.0
 
 
 def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], default: T) -> T:
@@ -69,6 +82,13 @@ def _log_level(raw: str) -> str:
     return value
 
 
+def _log_format(raw: str) -> str:
+    value = raw.lower()
+    if value not in {"json", "console"}:
+        raise ValueError("must be json or console")
+    return value
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build the settings from ``env`` (default: the process environment), failing loudly."""
     env = os.environ if env is None else env
@@ -91,6 +111,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             env, "TALLY_IDLE_IN_TRANSACTION_TIMEOUT_MS", _positive(int), d.idle_in_transaction_timeout_ms
         ),
         log_level=_parse(env, "TALLY_LOG_LEVEL", _log_level, d.log_level),
+        log_format=_parse(env, "TALLY_LOG_FORMAT", _log_format, d.log_format),
+        ready_max_lag_seconds=_parse(
+            env, "TALLY_READY_MAX_LAG_SECONDS", _positive(float), d.ready_max_lag_seconds
+        ),
     )
     if settings.pool_min_size > settings.pool_max_size:
         raise SettingsError("TALLY_POOL_MIN_SIZE must not exceed TALLY_POOL_MAX_SIZE")

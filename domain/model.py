@@ -13,8 +13,13 @@ import msgspec
 
 from domain.errors import InsufficientFunds, VersionMismatch
 
-ASSET_CODE_PATTERN: Final = r"^[A-Z][A-Z0-9_]{1,15}$"
-USER_ID_PATTERN: Final = r"^[A-Za-z0-9._@-]{1,64}$"
+# `(?!\n)` before `$`: in Python's re (which msgspec and Litestar use), `$` also matches before a
+# trailing newline, so "GOLD\n" would pass a bare `^...$`. The lookahead keeps the pattern valid
+# for the JSON Schema (ECMA 262) the OpenAPI document publishes, where `\Z` does not exist.
+ASSET_CODE_PATTERN: Final = r"^[A-Z][A-Z0-9_]{1,15}(?!\n)$"
+USER_ID_PATTERN: Final = r"^[A-Za-z0-9._@-]{1,64}(?!\n)$"
+# The largest value PostgreSQL's bigint holds: positions, versions and cursors above it are not ours.
+MAX_BIGINT: Final = 2**63 - 1
 MAX_AMOUNT: Final = 10**15
 
 TREASURY: Final = "treasury"

@@ -14,6 +14,7 @@ import asyncpg
 import msgspec
 
 from domain.errors import WalletNotFound
+from domain.model import MAX_BIGINT
 from projections.read_models import Balance
 
 _CUT = """(($1::timestamptz IS NOT NULL AND e.recorded_at <= $1)
@@ -46,7 +47,9 @@ class Moment(msgspec.Struct, frozen=True):
     @classmethod
     def parse(cls, text: str) -> Moment:
         text = text.strip()
-        if text.isdigit():
+        if text.isascii() and text.isdigit():
+            if int(text) > MAX_BIGINT:
+                raise ValueError(f"{text} is beyond any global position")
             return cls(position=int(text))
         try:
             at = datetime.fromisoformat(text)

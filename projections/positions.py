@@ -15,7 +15,8 @@ class Position(NamedTuple):
     def parse(cls, token: str) -> Position:
         """Parse a consistency token ``"<xid>.<position>"``; ValueError when it is not one."""
         xid, sep, position = token.partition(".")
-        if not sep or not xid.isdigit() or not position.isdigit() or len(token) > 41:
+        digits = xid.isascii() and xid.isdigit() and position.isascii() and position.isdigit()
+        if not sep or not digits or len(token) > 41:
             raise ValueError(f"{token!r} is not a consistency token")
         return cls(int(xid), int(position))
 

@@ -9,6 +9,7 @@ import asyncpg
 import msgspec
 
 from domain.errors import WalletNotFound
+from domain.model import MAX_BIGINT
 from projections.read_models import (
     Asset,
     AssetList,
@@ -94,9 +95,12 @@ def decode_cursor(cursor: str | None) -> int:
     """The wallet version to page below; ValueError for a cursor this API did not issue."""
     if cursor is None:
         return _NO_CURSOR
-    if not (cursor.startswith("v") and cursor[1:].isdigit() and len(cursor) <= 20):
+    if not (cursor.startswith("v") and cursor[1:].isascii() and cursor[1:].isdigit() and len(cursor) <= 20):
         raise ValueError(f"{cursor!r} is not a cursor returned by this API")
-    return int(cursor[1:])
+    version = int(cursor[1:])
+    if version > MAX_BIGINT:
+        raise ValueError(f"{cursor!r} is not a cursor returned by this API")
+    return version
 
 
 def _transaction(row: asyncpg.Record) -> Transaction:

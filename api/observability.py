@@ -1,0 +1,127 @@
+"""Logs (one JSON object per line, or human-readable) carrying a request id, and Prometheus metrics.
+
+The request id comes from the caller's ``X-Request-ID`` (when it is a sane token) or is made here;
+it is echoed back on the response and attached to every log line written while serving the
+request, through a context variable.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import msgspec
+from litestar.enums import ScopeType
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import Counter, Gauge
+
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("tally_request_id", default=None)
+_SANE_REQUEST_ID: Final = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+# Attributes every LogRecord has; anything else on a record was passed with ``extra=``.
+_STANDARD: Final = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+access_log = logging.getLogger("tally.access")
+
+# Prometheus metrics live in prometheus_client's process-wide registry, as is conventional: the
+# registry *is* the process's metrics, whatever number of apps it builds (tests build many).
+COMMANDS: Final = Counter(
+    "tally_commands", "Commands by kind and outcome", ["kind", "outcome"]
+)  # outcome: accepted, replayed, insufficient_funds, rejected
+PROJECTION_LAG_EVENTS: Final = Gauge(
+    "tally_projection_lag_events", "Committed events the projection has not applied yet", ["projection"]
+)
+PROJECTION_LAG_SECONDS: Final = Gauge(
+    "tally_projection_lag_seconds", "Age of the oldest event the projection has not applied", ["projection"]
+)
+PROJECTION_STOPPED: Final = Gauge(
+    "tally_projection_stopped", "1 when a poison event stopped the projection", ["projection"]
+)
+POOL_CONNECTIONS: Final = Gauge("tally_db_pool_connections", "Database pool connections", ["state"])
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if (request_id := REQUEST_ID.get()) is not None:
+            entry["request_id"] = request_id
+        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return msgspec.json.encode(entry, enc_hook=str).decode()
+
+
+class ConsoleFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extra = {k: v for k, v in vars(record).items() if k not in _STANDARD}
+        if (request_id := REQUEST_ID.get()) is not None:
+            extra = {"request_id": request_id, **extra}
+        return line + ("  " + " ".join(f"{k}={v}" for k, v in extra.items()) if extra else "")
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """Route every logger (Tally's, uvicorn's, asyncpg's) through one handler on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else ConsoleFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+    logging.getLogger("pgserver").setLevel(logging.WARNING)  # it narrates every pg_ctl call at INFO
+
+
+def request_id_middleware(app: ASGIApp) -> ASGIApp:
+    """Assign the request id, echo it as ``X-Request-ID``, and write one access log line."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP:
+            await app(scope, receive, send)
+            return
+        given = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
+        request_id = given if _SANE_REQUEST_ID.match(given) else uuid.uuid4().hex
+        token = REQUEST_ID.set(request_id)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await app(scope, receive, send_with_id)
+        finally:
+            method = scope.get("method", "")
+            access_log.info(
+                "%s %s %s",
+                method,
+                scope["path"],
+                status,
+                extra={
+                    "method": method,
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                },
+            )
+            REQUEST_ID.reset(token)
+
+    return middleware
