@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 
@@ -97,6 +101,50 @@ def store(pool: asyncpg.Pool) -> EventStore:
 @pytest.fixture
 def settings(db_url: str) -> Settings:
     return Settings(database_url=db_url, consistency_timeout=5.0, projector_poll_interval=0.2)
+
+
+class LiveServer(NamedTuple):
+    url: str
+    process: asyncio.subprocess.Process
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+async def live_server(db_url: str) -> AsyncIterator[LiveServer]:
+    """`tally serve --projector` as its own process on a free loopback port, for what needs a real
+    server: signals, and a browser loading the docs page."""
+    port = _free_port()
+    env = {
+        **os.environ, "DATABASE_URL": db_url, "HOST": "127.0.0.1", "PORT": str(port),
+        "TALLY_LOG_LEVEL": "warning", "TALLY_PROJECTOR_POLL_INTERVAL": "0.2",
+    }  # fmt: skip
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "api.cli", "serve", "--projector", env=env
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient() as http:
+            for _ in range(300):  # up to ~30 s for the process to import and bind
+                try:
+                    if (await http.get(f"{url}/health/live")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert process.returncode is None, "the server exited during start-up"
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the server did not answer /health/live")
+        yield LiveServer(url, process)
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            await process.wait()
 
 
 @pytest.fixture
