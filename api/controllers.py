@@ -63,8 +63,9 @@ from projections.watcher import ProjectionWatcher
 T = TypeVar("T")
 log = logging.getLogger("tally.commands")
 
-_IDEMPOTENCY_KEY: Final = re.compile(r"^[\x20-\x7e]{1,255}$")
-_ETAG: Final = re.compile(r'^(?:W/)?"?(\d{1,18})"?$')
+# Matched with fullmatch: a `$` would also accept a trailing newline.
+_IDEMPOTENCY_KEY: Final = re.compile(r"[\x20-\x7e]{1,255}")
+_ETAG: Final = re.compile(r'(?:W/)?"?(\d{1,18})"?')
 
 IdempotencyKey = Annotated[
     str | None,
@@ -108,7 +109,7 @@ async def _command_context(
     precondition (a retry must be the same request to replay)."""
     if key is None:
         raise IdempotencyKeyMissing("every POST needs an Idempotency-Key header")
-    if not _IDEMPOTENCY_KEY.match(key):
+    if not _IDEMPOTENCY_KEY.fullmatch(key):
         raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters")
     fingerprint = CommandContext.fingerprint_of(
         request.method, request.url.path, canonical_body, if_match or ""
@@ -124,7 +125,7 @@ async def _command_context(
 def _expected_version(if_match: str | None) -> int | None:
     if if_match is None or if_match.strip() == "*":
         return None
-    match = _ETAG.match(if_match.strip())
+    match = _ETAG.fullmatch(if_match.strip())
     if match is None:
         raise InvalidRequest('If-Match must be a wallet version as "<version>"')
     return int(match.group(1))
