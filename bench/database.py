@@ -1,0 +1,263 @@
+"""The benchmark's own database: where it is, how it is filled, and when the projector is idle.
+
+Every run starts from a fresh database ``tally_bench`` (dropped and created), so figures never
+depend on what an earlier run or the demo left behind. With ``DATABASE_URL`` unset it lives in an
+embedded PostgreSQL under ``.data/bench-pg``, separate from the demo's ``.data/pg`` and the tests'
+``.data/test-pg``; with ``DATABASE_URL`` set, ``tally_bench`` is created on that server.
+
+The wallets are opened and topped up with the event store's own SQL functions (the ones every
+command goes through), set-based: a statement calls ``tally_open_wallet`` or
+``tally_post_transaction`` once per wallet of a chunk, so setting up 10,000 wallets takes seconds,
+not the 20,000 HTTP round trips it would take through the API. The rows written are exactly those
+the API would write (same functions, same transaction plans from ``domain``), and the projector's
+backlog is applied before the server starts, so the first scenario is not competing with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import msgspec
+
+from api.database import embedded_server
+from api.migrate import migrate
+from commands import CommandContext, EventStore
+from domain import TopUpCredits, plan_transaction
+from domain.model import MAX_AMOUNT
+from projections.projector import catch_up
+
+log = logging.getLogger("bench")
+
+BENCH_DATABASE = "tally_bench"
+ASSET = "GOLD"
+TOP_UP_AMOUNT = MAX_AMOUNT  # one top-up per wallet; a spend of 1 never runs a wallet dry
+SETUP_CHUNK = 1000
+
+_OPEN_WALLETS = """
+SELECT count(*) FILTER (WHERE o.status = 201)::int
+  FROM unnest($1::text[], $2::bytea[]) AS u(user_id, fingerprint),
+       LATERAL tally_open_wallet('bench-open-' || u.user_id, u.fingerprint, $3::jsonb,
+                                 gen_random_uuid(), u.user_id, '{}'::jsonb) AS o
+"""
+_TOP_UP_WALLETS = """
+SELECT count(*) FILTER (WHERE o.status = 201)::int
+  FROM unnest($1::text[], $2::bytea[], $3::text[]) AS u(user_id, fingerprint, entries),
+       LATERAL tally_post_transaction('bench-top-up-' || u.user_id, u.fingerprint, $4::jsonb,
+                                      gen_random_uuid(), $5, $6, u.user_id, $7, $8, $9,
+                                      u.entries::jsonb, NULL, '{}'::jsonb, NULL) AS o
+"""
+_LAST_EVENT = (
+    "SELECT transaction_id::text::bigint, global_position FROM events ORDER BY 1 DESC, 2 DESC LIMIT 1"
+)
+_CHECKPOINTS = "SELECT last_xid::text::bigint, last_position FROM projection_checkpoints"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """The PostgreSQL server the benchmark uses; ``postmaster_pid`` when it runs on this machine."""
+
+    admin_url: str
+    bench_url: str
+    embedded: bool
+    postmaster_pid: int | None
+
+
+def with_database(url: str, name: str) -> str:
+    """``url`` with its database replaced by ``name``."""
+    return urlunsplit(urlsplit(url)._replace(path="/" + name))
+
+
+@contextlib.contextmanager
+def bench_postgres(root: Path) -> Iterator[Target]:
+    """``DATABASE_URL``'s server, or an embedded one under ``<root>/.data/bench-pg`` for the run."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield Target(with_database(url, "postgres"), with_database(url, BENCH_DATABASE), False, None)
+        return
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
+    with embedded_server(root / ".data" / "bench-pg") as server:
+        pid = server.get_pid()
+        yield Target(
+            server.get_uri("postgres"),
+            server.get_uri(BENCH_DATABASE),
+            True,
+            int(pid) if pid is not None else None,
+        )
+
+
+async def local_postmaster_pid(conn: asyncpg.Connection) -> int | None:
+    """The postmaster's pid when PostgreSQL runs here and its data directory is readable."""
+    with contextlib.suppress(asyncpg.PostgresError):
+        data_dir = await conn.fetchval("SELECT current_setting('data_directory')")
+        return _running_postmaster(Path(data_dir))
+    return None
+
+
+def _running_postmaster(data_dir: Path) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        pid = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+        os.kill(pid, 0)
+        return pid
+    return None
+
+
+async def recreate(target: Target) -> None:
+    """Drop and create ``tally_bench``, then apply the migrations."""
+    admin = await asyncpg.connect(target.admin_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{BENCH_DATABASE}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{BENCH_DATABASE}"')
+    finally:
+        await admin.close()
+    conn = await asyncpg.connect(target.bench_url)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+
+
+def _fingerprint(path: str, body: bytes) -> bytes:
+    return CommandContext.fingerprint_of("POST", path, body, "")
+
+
+async def populate(url: str, user_ids: Sequence[str], *, parallel: int = 2) -> dict[str, float]:
+    """Define the asset, open ``user_ids`` and top each up by TOP_UP_AMOUNT; project everything.
+
+    Returns the seconds each step took. Raises RuntimeError when anything was not accepted.
+    """
+    timings: dict[str, float] = {}
+    pool = await asyncpg.create_pool(url, min_size=parallel, max_size=parallel)
+    try:
+        started = time.perf_counter()
+        ctx = CommandContext(command_id=f"bench-asset-{uuid.uuid4().hex}", fingerprint=b"bench")
+        await EventStore(pool).define_asset(ctx, code=ASSET, name="Gold coins (benchmark)", decimals=0)
+
+        chunks = [list(user_ids[i : i + SETUP_CHUNK]) for i in range(0, len(user_ids), SETUP_CHUNK)]
+        opened = await _run_chunks(pool, parallel, [_open_args(chunk) for chunk in chunks], _OPEN_WALLETS)
+        if opened != len(user_ids):
+            raise RuntimeError(f"setup opened {opened} of {len(user_ids)} wallets")
+        timings["open_wallets_s"] = round(time.perf_counter() - started, 2)
+
+        started = time.perf_counter()
+        topped = await _run_chunks(pool, parallel, [_top_up_args(chunk) for chunk in chunks], _TOP_UP_WALLETS)
+        if topped != len(user_ids):
+            raise RuntimeError(f"setup topped up {topped} of {len(user_ids)} wallets")
+        timings["top_up_wallets_s"] = round(time.perf_counter() - started, 2)
+
+        started = time.perf_counter()
+        await catch_up(pool, batch_size=5000)
+        timings["project_backlog_s"] = round(time.perf_counter() - started, 2)
+        async with pool.acquire() as conn:
+            await conn.execute("VACUUM ANALYZE")
+    finally:
+        await pool.close()
+    return timings
+
+
+def _open_args(chunk: list[str]) -> tuple[object, ...]:
+    bodies = (msgspec.json.encode({"user_id": user_id, "metadata": {}}) for user_id in chunk)
+    return chunk, [_fingerprint("/v1/wallets", body) for body in bodies], '{"client": "bench-setup"}'
+
+
+def _top_up_args(chunk: list[str]) -> tuple[object, ...]:
+    body = msgspec.json.encode({"asset": ASSET, "amount": TOP_UP_AMOUNT})
+    fingerprints, entries = [], []
+    event_type = kind = ""
+    for user_id in chunk:
+        plan = plan_transaction(TopUpCredits(user_id=user_id, asset=ASSET, amount=TOP_UP_AMOUNT))
+        event_type, kind = plan.event_type.__name__, plan.kind.value
+        fingerprints.append(_fingerprint(f"/v1/wallets/{user_id}/top-ups", body))
+        entries.append(msgspec.json.encode(plan.entries).decode())
+    metadata = '{"client": "bench-setup"}'
+    return chunk, fingerprints, entries, metadata, event_type, kind, ASSET, TOP_UP_AMOUNT, TOP_UP_AMOUNT
+
+
+async def _run_chunks(pool: asyncpg.Pool, parallel: int, args: list[tuple[object, ...]], sql: str) -> int:
+    """Run ``sql`` once per argument tuple, ``parallel`` at a time; the sum of the counts."""
+    queue = list(reversed(args))
+    total = 0
+
+    async def drain() -> None:
+        nonlocal total
+        while queue:
+            chunk_args = queue.pop()
+            accepted = int(await pool.fetchval(sql, *chunk_args))
+            total += accepted  # not `total += await ...`: that reads `total` before awaiting
+
+    await asyncio.gather(*(drain() for _ in range(parallel)))
+    return total
+
+
+async def wait_for_projections(url: str, *, max_wait: float) -> float | None:
+    """Seconds until every projection has applied the last event (None after ``max_wait``).
+
+    Called between HTTP scenarios, when no command is in flight: each scenario then starts with
+    an idle projector instead of one still draining the previous scenario's events.
+    """
+    started = time.perf_counter()
+    conn = await asyncpg.connect(url)
+    try:
+        while True:
+            last = await conn.fetchrow(_LAST_EVENT)
+            target = (last[0], last[1]) if last is not None else (0, 0)
+            checkpoints = await conn.fetch(_CHECKPOINTS)
+            if all((row[0], row[1]) >= target for row in checkpoints):
+                return round(time.perf_counter() - started, 2)
+            if time.perf_counter() - started > max_wait:
+                return None
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+
+
+async def accepted_commands(url: str, key_prefix: str) -> int:
+    """How many commands whose Idempotency-Key starts with ``key_prefix`` were accepted (201):
+    the database's own count of a scenario's spends, warm-up included, to check the client's."""
+    conn = await asyncpg.connect(url)
+    try:
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM commands WHERE starts_with(command_id, $1) AND status = 201", key_prefix
+        )
+    finally:
+        await conn.close()
+    return count
+
+
+async def checkpoint(url: str) -> None:
+    """Flush dirty buffers now, so a checkpoint is less likely to land inside a measured window
+    (needs superuser or pg_checkpoint; skipped silently without)."""
+    conn = await asyncpg.connect(url)
+    try:
+        with contextlib.suppress(asyncpg.PostgresError):
+            await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+
+
+async def postgres_facts(url: str) -> dict[str, object]:
+    """Version and the settings that move commit throughput the most."""
+    names = [
+        "max_connections", "shared_buffers", "synchronous_commit", "fsync", "wal_level",
+        "full_page_writes", "commit_delay", "max_wal_size", "checkpoint_timeout", "jit",
+    ]  # fmt: skip
+    conn = await asyncpg.connect(url)
+    try:
+        version = await conn.fetchval("SHOW server_version")
+        rows = await conn.fetch(
+            "SELECT name, setting, unit FROM pg_settings WHERE name = ANY($1::text[])", names
+        )
+        settings = {r["name"]: r["setting"] + (f" {r['unit']}" if r["unit"] else "") for r in rows}
+        pid = await local_postmaster_pid(conn)
+    finally:
+        await conn.close()
+    return {"server_version": version, "settings": settings, "local_postmaster_pid": pid}

@@ -1,0 +1,236 @@
+"""The figures, as a table for the terminal and as JSON for the record.
+
+Targets are printed next to the HTTP figures they apply to and marked met or missed; they are
+reported, never asserted: the exit status says only whether the benchmark ran.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from bench.load import LoadResult
+from bench.scenarios import Workload
+
+# The closing note's targets for the HTTP API (workload key -> thresholds).
+TARGETS: Final[dict[str, dict[str, float]]] = {
+    "many": {"min_spends_per_s": 3000.0, "max_p99_ms": 25.0},
+    "hot": {"min_spends_per_s": 1000.0},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    workload: Workload
+    transport: str  # "http" or "sql"
+    result: LoadResult
+    projections_caught_up_s: float | None = None  # HTTP only: projector idle this long after
+    connections: int | None = None  # raw SQL only: the pool's size
+    accepted_in_database: int | None = None  # 201 outcomes recorded for the scenario's keys
+
+
+def target_checks(measured: Measured) -> list[dict[str, Any]]:
+    """[{target, value, met}] for an HTTP result; raw-SQL results have no targets."""
+    if measured.transport != "http":
+        return []
+    checks: list[dict[str, Any]] = []
+    target = TARGETS.get(measured.workload.key, {})
+    rate = measured.result.spends_per_s
+    if "min_spends_per_s" in target:
+        floor = target["min_spends_per_s"]
+        checks.append({"target": f">= {floor:,.0f} spends/s", "value": round(rate, 1), "met": rate >= floor})
+    p99 = measured.result.latency_ms()["p99"]
+    if "max_p99_ms" in target:
+        ceiling = target["max_p99_ms"]
+        checks.append(
+            {"target": f"p99 <= {ceiling:g} ms", "value": p99, "met": p99 is not None and p99 <= ceiling}
+        )
+    return checks
+
+
+def _scenario_json(m: Measured) -> dict[str, Any]:
+    r = m.result
+    return {
+        "workload": m.workload.key,
+        "title": m.workload.title,
+        "transport": m.transport,
+        "clients": m.workload.clients,
+        "connections": m.connections,
+        "wallets": len(m.workload.user_ids),
+        "warmup_s": r.warmup_s,
+        "duration_s": r.duration_s,
+        "measured_elapsed_s": round(r.measured_elapsed_s, 3),
+        "requests": r.requests,
+        "successes": r.successes,
+        "errors": sum(r.errors.values()),
+        "error_breakdown": dict(r.errors),
+        "error_samples": r.error_samples,
+        "accepted_in_database": m.accepted_in_database,
+        "warmup_requests": r.warmup_requests,
+        "warmup_errors": r.warmup_errors,
+        "spends_per_s": round(r.spends_per_s, 1),
+        "latency_ms": r.latency_ms(),
+        "request_cap_reached": r.capped,
+        "cancelled_clients": r.cancelled_clients,
+        "cpu_during_measurement": r.cpu,
+        "cpu_ms_per_spend": _cpu_per_spend(r),
+        "projections_caught_up_after_s": m.projections_caught_up_s,
+        "targets": target_checks(m),
+    }
+
+
+def _cpu_per_spend(r: LoadResult) -> dict[str, float | None]:
+    """CPU milliseconds per successful spend, per process group: what one spend costs each part,
+    which (unlike throughput) barely moves when another workload competes for the cores."""
+    rate = r.spends_per_s
+    return {
+        name.removesuffix("_pct_of_core"): round(10 * pct / rate, 3) if pct is not None and rate else None
+        for name, pct in r.cpu.items()
+        if name.endswith("_pct_of_core") and name != "other_pct_of_core"
+    }
+
+
+def ratios(results: list[Measured]) -> list[dict[str, Any]]:
+    """HTTP throughput (and p50) as a share of the raw-SQL limit, per workload."""
+    by_key = {(m.workload.key, m.transport): m for m in results}
+    out = []
+    for key in dict.fromkeys(m.workload.key for m in results):
+        http, sql = by_key.get((key, "http")), by_key.get((key, "sql"))
+        if http is None or sql is None or sql.result.spends_per_s == 0:
+            continue
+        out.append({
+            "workload": key,
+            "clients": http.workload.clients,
+            "http_spends_per_s": round(http.result.spends_per_s, 1),
+            "raw_sql_spends_per_s": round(sql.result.spends_per_s, 1),
+            "http_share_of_raw_sql": round(http.result.spends_per_s / sql.result.spends_per_s, 3),
+        })  # fmt: skip
+    return out
+
+
+def build(meta: dict[str, Any], results: list[Measured]) -> dict[str, Any]:
+    return {
+        **meta,
+        "targets": TARGETS,
+        "scenarios": [_scenario_json(m) for m in results],
+        "http_vs_raw_sql": ratios(results),
+    }
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as plain text: header facts, one row per scenario, ratios, CPU use, notes."""
+    sections = [_header(report), _rows(report), _ratio_lines(report), _cpu_lines(report), _notes(report)]
+    return "\n\n".join("\n".join(section) for section in sections if section)
+
+
+def _header(report: dict[str, Any]) -> list[str]:
+    machine, pg, config = report["machine"], report["postgres"], report["config"]
+    return [
+        f"Tally benchmark  {report['started_at']}  commit {report.get('commit') or '?'}",
+        f"machine: {machine['nproc']} cores ({machine.get('cpu_model') or 'unknown CPU'}), "
+        f"Python {machine['python']}, PostgreSQL {pg['server_version']} "
+        f"({'embedded' if pg['embedded'] else 'DATABASE_URL'}; synchronous_commit="
+        f"{pg['settings'].get('synchronous_commit', '?')})",
+        f"server: 1 uvicorn process with the projector, API pool {config['server_pool']}; "
+        f"raw SQL: {config['raw_sql_pool']}",
+        f"{config['wallets']:,} wallets; {config['warmup_s']:g} s warm-up + {config['duration_s']:g} s "
+        "measured per scenario; closed loop, one connection per client",
+    ]
+
+
+def _rows(report: dict[str, Any]) -> list[str]:
+    header = (
+        f"{'workload':<24}{'via':<6}{'clients':>8}{'spends/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'max ms':>9}{'errors':>8}   target"
+    )
+    lines = [header, "-" * len(header)]
+    for s in report["scenarios"]:
+        lat = s["latency_ms"]
+        if s["transport"] == "http":
+            target = "; ".join(f"{c['target']}: {'met' if c['met'] else 'MISSED'}" for c in s["targets"])
+        else:
+            target = f"(raw-SQL limit, {s['connections']} connections)"
+        lines.append(
+            f"{s['title']:<24}{s['transport'].upper():<6}{s['clients']:>8}{s['spends_per_s']:>11,.0f}"
+            f"{_num(lat['p50'], 2):>9}{_num(lat['p99'], 2):>9}{_num(lat['max'], 1):>9}{s['errors']:>8}"
+            f"   {target}"
+        )
+    return lines
+
+
+def _ratio_lines(report: dict[str, Any]) -> list[str]:
+    if not report["http_vs_raw_sql"]:
+        return []
+    lines = ["HTTP as a share of the raw-SQL limit (same workload, same number of clients):"]
+    for r in report["http_vs_raw_sql"]:
+        lines.append(
+            f"  {r['workload']:<5} {r['http_share_of_raw_sql']:>6.0%}  "
+            f"({r['http_spends_per_s']:,.0f} / {r['raw_sql_spends_per_s']:,.0f} spends/s "
+            f"at {r['clients']} clients)"
+        )
+    return lines
+
+
+def _cpu_lines(report: dict[str, Any]) -> list[str]:
+    lines = [
+        "CPU while measuring, % of one core (CPU ms per spend); machine busy and iowait, % of all cores:"
+    ]
+    for s in report["scenarios"]:
+        cpu, per_spend = s["cpu_during_measurement"], s["cpu_ms_per_spend"]
+        parts = []
+        for name, value in cpu.items():
+            if name.endswith("_pct_of_core"):
+                group = name.removesuffix("_pct_of_core")
+                cost = per_spend.get(group)
+                parts.append(
+                    f"{group.replace('_', ' ')} {_num(value, 0)}"
+                    + (f" ({cost:.2f})" if cost is not None else "")
+                )
+        lines.append(
+            f"  {s['workload']:<5} {s['transport'].upper():<5} "
+            + ", ".join(parts)
+            + f"; machine busy {_num(cpu.get('machine_busy_pct'), 0)}%"
+            + f", iowait {_num(cpu.get('machine_iowait_pct'), 0)}%"
+        )
+    return lines
+
+
+def _notes(report: dict[str, Any]) -> list[str]:
+    notes = []
+    background = report["machine"].get("background_pct_of_core")
+    if background is not None and background > 20:
+        notes.append(
+            f"WARNING: the machine was already {background:.0f}% of a core busy before the run "
+            "(another workload): the figures are lower than this code can do alone"
+        )
+    for s in report["scenarios"]:
+        name = f"{s['workload']}/{s['transport']}"
+        if s["errors"]:
+            notes.append(f"{name}: {s['errors']} errors {s['error_breakdown']}")
+            notes += [f"    {sample}" for sample in s["error_samples"][:3]]
+        if s["request_cap_reached"]:
+            notes.append(f"{name}: stopped by the request cap")
+        if s["cancelled_clients"]:
+            notes.append(f"{name}: {s['cancelled_clients']} clients cancelled after the grace period")
+        accepted, expected = (
+            s["accepted_in_database"],
+            s["successes"] + s["warmup_requests"] - s["warmup_errors"],
+        )
+        if accepted is not None and accepted < expected:
+            notes.append(f"{name}: the database recorded {accepted} accepted spends, the clients {expected}")
+        if s["projections_caught_up_after_s"] is not None:
+            notes.append(
+                f"{name}: projections caught up {s['projections_caught_up_after_s']:g} s after the run"
+            )
+    return notes

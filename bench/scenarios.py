@@ -1,0 +1,228 @@
+"""The two workloads and the two ways of driving them.
+
+Workloads:
+
+* **many wallets**: every request spends 1 GOLD from a wallet drawn uniformly at random from
+  10,000. Wallet row locks almost never collide, so this measures the per-command cost of the
+  whole stack: HTTP parsing, Litestar, the idempotency claim, the append, the commit.
+* **one hot wallet**: every request spends from the same wallet. Each command holds that wallet's
+  row lock only while PostgreSQL runs ``tally_post_transaction`` (one round trip, never across
+  the network), so this measures how fast commands serialize on one row.
+
+Transports:
+
+* **HTTP**: ``POST /v1/wallets/{user_id}/spends`` with a unique ``Idempotency-Key`` through the
+  running server; success is ``201 Created``.
+* **SQL**, the raw-SQL limit: the same command through ``commands.EventStore.post_transaction``
+  (the API's own data-access layer, so the same ``tally_post_transaction`` call with the same
+  arguments the controller would build: the transaction plan from ``domain``, the request
+  fingerprint, a fresh event id) over an asyncpg pool of one connection per client, with no HTTP
+  and no Litestar in between. It is what PostgreSQL and the driver alone sustain at the same
+  concurrency; HTTP divided by it is the share of that limit the API delivers.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from api.database import create_pool
+from api.dto import MoveCreditsRequest
+from api.settings import Settings
+from bench.database import ASSET
+from bench.httpclient import HttpConnection
+from bench.load import Failure, LoadResult, Spender, run_load
+from bench.server import HOST
+from bench.sysinfo import CpuSampler
+from commands import CommandContext, EventStore
+from domain import SpendCredits, plan_transaction
+
+SPEND_AMOUNT = 1
+# What a client sends; the API fingerprints its canonical re-encoding (defaults included).
+SPEND_BODY = b'{"asset":"%s","amount":%d}' % (ASSET.encode(), SPEND_AMOUNT)
+CANONICAL_SPEND_BODY = msgspec.json.encode(MoveCreditsRequest(asset=ASSET, amount=SPEND_AMOUNT))
+HOT_WALLET = "hot"
+
+
+def wallet_ids(count: int) -> list[str]:
+    return [f"w{i:05d}" for i in range(count)]
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    key: str  # "many" or "hot"
+    title: str
+    clients: int
+    user_ids: Sequence[str]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadLimits:
+    warmup: float
+    duration: float
+    max_requests: int
+
+
+# --- HTTP -----------------------------------------------------------------------------------
+
+
+class HttpSpender:
+    """One HTTP client: a keep-alive connection and request bytes prepared per wallet, so a
+    request costs one random pick, one join and one socket write on the generator's side."""
+
+    __slots__ = ("_connection", "_heads", "_key_prefix", "_seq")
+
+    def __init__(self, port: int, heads: Sequence[bytes], key_prefix: str) -> None:
+        self._connection = HttpConnection(HOST, port)
+        self._heads = heads
+        self._key_prefix = key_prefix.encode()
+        self._seq = 0
+
+    async def spend(self) -> Failure | None:
+        heads = self._heads
+        head = heads[random.randrange(len(heads))] if len(heads) > 1 else heads[0]
+        self._seq += 1
+        status, body = await self._connection.request(
+            b"".join((head, self._key_prefix, b"%d" % self._seq, b"\r\n\r\n", SPEND_BODY))
+        )
+        if status == 201:
+            return None
+        return f"HTTP {status}", body[:300].decode("utf-8", "replace")
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+def _request_heads(port: int, user_ids: Sequence[str]) -> list[bytes]:
+    """Everything of a spend request up to the Idempotency-Key's value, per wallet."""
+    return [
+        (
+            f"POST /v1/wallets/{user_id}/spends HTTP/1.1\r\n"
+            f"Host: {HOST}:{port}\r\n"
+            "Content-Type: application/json\r\n"
+            f"Content-Length: {len(SPEND_BODY)}\r\n"
+            "Idempotency-Key: "
+        ).encode()
+        for user_id in user_ids
+    ]
+
+
+async def run_http(
+    workload: Workload, *, port: int, tag: str, limits: LoadLimits, sampler: CpuSampler | None
+) -> LoadResult:
+    heads = _request_heads(port, workload.user_ids)
+
+    def make(index: int) -> Spender:
+        return HttpSpender(port, heads, f"{tag}-{index}-")
+
+    return await run_load(
+        make,
+        clients=workload.clients,
+        warmup=limits.warmup,
+        duration=limits.duration,
+        max_requests=limits.max_requests,
+        sampler=sampler,
+    )
+
+
+# --- raw SQL --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SpendPlan:
+    """The arguments the spend controller would pass to ``EventStore.post_transaction``."""
+
+    user_id: str
+    event_type: str
+    kind: str
+    user_delta: int
+    entries: list[dict[str, Any]]
+    fingerprint: bytes
+    metadata: dict[str, str]
+
+
+def spend_plans(user_ids: Sequence[str]) -> list[SpendPlan]:
+    plans = []
+    for user_id in user_ids:
+        plan = plan_transaction(SpendCredits(user_id=user_id, asset=ASSET, amount=SPEND_AMOUNT))
+        path = f"/v1/wallets/{user_id}/spends"
+        plans.append(
+            SpendPlan(
+                user_id=user_id,
+                event_type=plan.event_type.__name__,
+                kind=plan.kind.value,
+                user_delta=plan.user_delta,
+                entries=msgspec.to_builtins(plan.entries),
+                fingerprint=CommandContext.fingerprint_of("POST", path, CANONICAL_SPEND_BODY, ""),
+                metadata={"path": path},
+            )
+        )
+    return plans
+
+
+class SqlSpender:
+    """One raw-SQL client: the spend command straight into the event store."""
+
+    __slots__ = ("_key_prefix", "_plans", "_seq", "_store")
+
+    def __init__(self, store: EventStore, plans: Sequence[SpendPlan], key_prefix: str) -> None:
+        self._store = store
+        self._plans = plans
+        self._key_prefix = key_prefix
+        self._seq = 0
+
+    async def spend(self) -> Failure | None:
+        plans = self._plans
+        plan = plans[random.randrange(len(plans))] if len(plans) > 1 else plans[0]
+        self._seq += 1
+        ctx = CommandContext(
+            command_id=f"{self._key_prefix}{self._seq}", fingerprint=plan.fingerprint, metadata=plan.metadata
+        )
+        accepted = await self._store.post_transaction(
+            ctx, event_type=plan.event_type, kind=plan.kind, user_id=plan.user_id, asset=ASSET,
+            amount=SPEND_AMOUNT, user_delta=plan.user_delta, entries=plan.entries, reference=None,
+            metadata={}, expected_version=None,
+        )  # fmt: skip
+        if accepted.replayed:
+            return "replayed", ctx.command_id
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+async def run_sql(
+    workload: Workload,
+    *,
+    url: str,
+    settings: Settings,
+    tag: str,
+    limits: LoadLimits,
+    sampler: CpuSampler | None,
+    connections: int,
+) -> LoadResult:
+    """The raw-SQL limit for ``workload``: its clients share a pool of ``connections`` (by
+    default one per client), all opened before the clock starts, with the API's session settings."""
+    sized = msgspec.structs.replace(settings, pool_min_size=connections, pool_max_size=connections)
+    pool = await create_pool(url, sized, "tally-bench-raw")
+    try:
+        store = EventStore(pool)
+        plans = spend_plans(workload.user_ids)
+
+        def make(index: int) -> Spender:
+            return SqlSpender(store, plans, f"{tag}-{index}-")
+
+        return await run_load(
+            make,
+            clients=workload.clients,
+            warmup=limits.warmup,
+            duration=limits.duration,
+            max_requests=limits.max_requests,
+            sampler=sampler,
+        )
+    finally:
+        await pool.close()
