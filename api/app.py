@@ -72,7 +72,9 @@ def create_app(settings: Settings, *, run_projector: bool = False) -> Litestar:
                 )  # fmt: skip
                 tasks.append(asyncio.create_task(projector.run(stop), name="projector"))
             app.state.pool = pool
-            app.state.store = EventStore(pool, on_append=waker.poke)
+            app.state.store = EventStore(
+                pool, on_append=waker.poke, max_in_flight=settings.command_concurrency
+            )
             app.state.watcher = watcher
             yield
         finally:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 import msgspec
 
-from api.database import connection_settings, create_pool, database_url
+from api.database import create_pool, database_url
 from api.migrate import MigrationError, migrate
 from api.observability import configure_logging
 from api.settings import Settings, SettingsError, load_settings
@@ -77,9 +77,7 @@ def _serve(url: str, settings: Settings, run_projector: bool) -> None:
 async def _projector(url: str, settings: Settings) -> None:
     from projections.projector import Projector
 
-    pool = await asyncpg.create_pool(
-        url, min_size=1, max_size=2, server_settings=connection_settings(settings, "tally-projector")
-    )
+    pool = await create_pool(url, settings, "tally-projector", min_size=1, max_size=2)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

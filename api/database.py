@@ -101,10 +101,29 @@ def connection_settings(settings: Settings, application_name: str) -> dict[str, 
     }
 
 
-async def create_pool(url: str, settings: Settings, application_name: str) -> asyncpg.Pool:
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """Release a pooled connection without asyncpg's default server-side reset.
+
+    The default sends ``RESET ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); CLOSE ALL`` on
+    every release: one more round trip per command, and work for PostgreSQL, measured at about a
+    sixth of the API server's time under the benchmark. Tally's pooled connections keep no session
+    state (LISTEN and advisory locks live on dedicated connections), and asyncpg still rolls back a
+    transaction left open before calling this.
+    """
+
+
+async def create_pool(
+    url: str,
+    settings: Settings,
+    application_name: str,
+    *,
+    min_size: int | None = None,
+    max_size: int | None = None,
+) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         url,
-        min_size=settings.pool_min_size,
-        max_size=settings.pool_max_size,
+        min_size=settings.pool_min_size if min_size is None else min_size,
+        max_size=settings.pool_max_size if max_size is None else max_size,
         server_settings=connection_settings(settings, application_name),
+        reset=_keep_session,
     )

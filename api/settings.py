@@ -15,6 +15,7 @@ T = TypeVar("T")
 # Every variable Tally reads (tests check that deployment files reference only these).
 ENVIRONMENT_VARIABLES = (
     "DATABASE_URL", "HOST", "PORT", "TALLY_DATA_DIR", "TALLY_POOL_MIN_SIZE", "TALLY_POOL_MAX_SIZE",
+    "TALLY_COMMAND_CONCURRENCY",
     "TALLY_CONSISTENCY_TIMEOUT", "TALLY_PROJECTOR_BATCH_SIZE", "TALLY_PROJECTOR_POLL_INTERVAL",
     "TALLY_IDLE_IN_TRANSACTION_TIMEOUT_MS", "TALLY_LOG_LEVEL", "TALLY_LOG_FORMAT",
     "TALLY_READY_MAX_LAG_SECONDS", "TALLY_MIGRATIONS_DIR",
@@ -33,6 +34,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     data_dir: Path = Path(".data")
     pool_min_size: int = 2
     pool_max_size: int = 20
+    # Group commit: transaction commands run in at most this many batches at once per process;
+    # commands arriving meanwhile join the next batch (commands/event_store.py).
+    command_concurrency: int = 4
     # How long a query with ``consistent_with`` waits for the projections before a 503.
     consistency_timeout: float = 5.0
     projector_batch_size: int = 2000
@@ -100,6 +104,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         data_dir=_parse(env, "TALLY_DATA_DIR", Path, d.data_dir),
         pool_min_size=_parse(env, "TALLY_POOL_MIN_SIZE", _positive(int), d.pool_min_size),
         pool_max_size=_parse(env, "TALLY_POOL_MAX_SIZE", _positive(int), d.pool_max_size),
+        command_concurrency=_parse(env, "TALLY_COMMAND_CONCURRENCY", _positive(int), d.command_concurrency),
         consistency_timeout=_parse(env, "TALLY_CONSISTENCY_TIMEOUT", _positive(float), d.consistency_timeout),
         projector_batch_size=_parse(
             env, "TALLY_PROJECTOR_BATCH_SIZE", _positive(int), d.projector_batch_size

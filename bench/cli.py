@@ -48,6 +48,7 @@ from bench.database import (
     recreate,
     wait_for_projections,
 )
+from bench.lag import sample_lag
 from bench.scenarios import HOT_WALLET, LoadLimits, Workload, run_http, run_sql, wallet_ids
 from bench.server import Server, running_server, wait_live
 from bench.sysinfo import CpuSampler, background_load, machine_facts
@@ -164,10 +165,17 @@ async def _http_phase(
             "load_generator": (_pids(os.getpid()), False),
         })  # fmt: skip
         key_prefix = f"{tag}-http-{workload.key}"
-        result = await run_http(workload, port=server.port, tag=key_prefix, limits=limits, sampler=sampler)
+        async with sample_lag(target.bench_url) as lag:
+            result = await run_http(
+                workload, port=server.port, tag=key_prefix, limits=limits, sampler=sampler
+            )
         caught_up = await wait_for_projections(target.bench_url, max_wait=PROJECTION_WAIT_TIMEOUT)
         accepted = await accepted_commands(target.bench_url, key_prefix + "-")
-        results.append(report.Measured(workload, "http", result, caught_up, accepted_in_database=accepted))
+        results.append(
+            report.Measured(
+                workload, "http", result, caught_up, accepted_in_database=accepted, lag_ms=lag.summary_ms()
+            )
+        )
         _progress(f"  {result.spends_per_s:,.0f} spends/s, {sum(result.errors.values())} errors")
         if server.process.poll() is not None:
             raise RuntimeError(f"the server exited during the run:\n{server.log_tail()}")

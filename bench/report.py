@@ -29,6 +29,7 @@ class Measured:
     projections_caught_up_s: float | None = None  # HTTP only: projector idle this long after
     connections: int | None = None  # raw SQL only: the pool's size
     accepted_in_database: int | None = None  # 201 outcomes recorded for the scenario's keys
+    lag_ms: dict[str, float | int | None] | None = None  # HTTP only: projection lag while loaded
 
 
 def target_checks(measured: Measured) -> list[dict[str, Any]]:
@@ -77,6 +78,7 @@ def _scenario_json(m: Measured) -> dict[str, Any]:
         "cpu_during_measurement": r.cpu,
         "cpu_ms_per_spend": _cpu_per_spend(r),
         "projections_caught_up_after_s": m.projections_caught_up_s,
+        "projection_lag_ms": m.lag_ms,
         "targets": target_checks(m),
     }
 
@@ -232,5 +234,11 @@ def _notes(report: dict[str, Any]) -> list[str]:
         if s["projections_caught_up_after_s"] is not None:
             notes.append(
                 f"{name}: projections caught up {s['projections_caught_up_after_s']:g} s after the run"
+            )
+        lag = s.get("projection_lag_ms")
+        if lag and lag["samples"]:
+            notes.append(
+                f"{name}: projection lag under load p50 {lag['p50']} ms, p99 {lag['p99']} ms, "
+                f"max {lag['max']} ms ({lag['samples']} samples; goal p99 <= 200 ms)"
             )
     return notes

@@ -39,7 +39,7 @@ PROJECTOR_LOCK_KEY: Final = 0x7A11_0002
 # Under load, wake-ups arrive far more often than a projection round is worth running: pacing
 # rounds (and the NOTIFYs that trigger them) lets each round apply a larger batch for the same
 # fixed cost, at the price of at most this much extra lag.
-MIN_ROUND_INTERVAL: Final = 0.005
+MIN_ROUND_INTERVAL: Final = 0.02
 RECONNECT_DELAYS: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 _NOTIFY = "SELECT pg_notify($1, $2)"
