@@ -63,9 +63,10 @@ from projections.watcher import ProjectionWatcher
 T = TypeVar("T")
 log = logging.getLogger("tally.commands")
 
-# Matched with fullmatch: a `$` would also accept a trailing newline.
+# Matched with fullmatch: a `$` would also accept a trailing newline. If-Match compares strong
+# validators only (RFC 9110 §13.1.1), so a weak W/"..." is refused.
 _IDEMPOTENCY_KEY: Final = re.compile(r"[\x20-\x7e]{1,255}")
-_ETAG: Final = re.compile(r'(?:W/)?"?(\d{1,18})"?')
+_ETAG: Final = re.compile(r'"?(\d{1,18})"?')
 
 IdempotencyKey = Annotated[
     str | None,
@@ -103,16 +104,21 @@ def _problems(*statuses: int) -> dict[int, ResponseSpec]:
 
 
 async def _command_context(
-    request: Request[Any, Any, Any], key: str | None, canonical_body: bytes, if_match: str | None = None
+    request: Request[Any, Any, Any],
+    key: str | None,
+    canonical_body: bytes,
+    expected_version: int | None = None,
 ) -> CommandContext:
-    """The idempotency record's identity: the key, and a fingerprint of method, path, body and
-    precondition (a retry must be the same request to replay)."""
+    """The idempotency record's identity: the key, and a fingerprint of method, path, the canonical
+    body and the expected version (a retry must be the same request to replay; `"3"` and `3` in
+    If-Match are the same precondition)."""
     if key is None:
         raise IdempotencyKeyMissing("every POST needs an Idempotency-Key header")
     if not _IDEMPOTENCY_KEY.fullmatch(key):
         raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters")
+    precondition = "" if expected_version is None else str(expected_version)
     fingerprint = CommandContext.fingerprint_of(
-        request.method, request.url.path, canonical_body, if_match or ""
+        request.method, request.url.path, canonical_body, precondition
     )
     metadata = {"path": request.url.path}
     if request_id := REQUEST_ID.get():
@@ -345,7 +351,7 @@ async def _move_credits(
 ) -> tuple[MoveCreditsRequest, CommandContext, int | None]:
     body = decode_strict(await request.body(), MoveCreditsRequest)
     version = _expected_version(if_match)
-    ctx = await _command_context(request, key, msgspec.json.encode(body), if_match)
+    ctx = await _command_context(request, key, msgspec.json.encode(body), version)
     return body, ctx, version
 
 

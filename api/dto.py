@@ -7,12 +7,12 @@ from typing import Annotated
 
 import msgspec
 
-from domain.model import Amount, AssetCode, Metadata, Reference, UserId
+from domain.model import Amount, AssetCode, AssetName, Metadata, Reference, UserId
 
 
 class DefineAssetRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     code: AssetCode
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    name: AssetName
     decimals: Annotated[int, msgspec.Meta(ge=0, le=18)]
 
 

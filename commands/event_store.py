@@ -160,6 +160,11 @@ class EventStore:
             rows = await self._pool.fetch(
                 _POST_TRANSACTIONS, *(list(column) for column in zip(*(a for a, _ in batch), strict=True))
             )
+        except asyncio.CancelledError as exc:  # the loop is going away: nobody may wait forever
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            raise
         except Exception as exc:
             # Retrying one by one is safe whatever happened: a batch that rolled back applied
             # nothing, and one that committed before its connection died replays its outcomes.

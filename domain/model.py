@@ -30,10 +30,14 @@ SYSTEM_ACCOUNTS: Final = (TREASURY, BONUS, REVENUE)
 AssetCode = Annotated[str, msgspec.Meta(pattern=ASSET_CODE_PATTERN)]
 UserId = Annotated[str, msgspec.Meta(pattern=USER_ID_PATTERN)]
 Amount = Annotated[int, msgspec.Meta(ge=1, le=MAX_AMOUNT)]
-MetadataKey = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-MetadataValue = Annotated[str, msgspec.Meta(max_length=512)]
+# PostgreSQL's text and jsonb cannot hold U+0000: refuse it at the edge (found in review: it used
+# to reach the database and fail the whole group-committed batch).
+NO_NUL: Final = "^[^\\x00]*$"
+MetadataKey = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NO_NUL)]
+MetadataValue = Annotated[str, msgspec.Meta(max_length=512, pattern=NO_NUL)]
 Metadata = Annotated[dict[MetadataKey, MetadataValue], msgspec.Meta(max_length=16)]
-Reference = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+Reference = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=NO_NUL)]
+AssetName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NO_NUL)]
 
 
 def user_account(user_id: str) -> str:
@@ -55,7 +59,7 @@ class TransactionKind(StrEnum):
 
 class DefineAsset(msgspec.Struct, frozen=True, kw_only=True):
     code: AssetCode
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    name: AssetName
     decimals: Annotated[int, msgspec.Meta(ge=0, le=18)]
 
 

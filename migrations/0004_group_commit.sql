@@ -7,12 +7,17 @@
 -- batch commits once.
 --
 -- Rules that keep a batch safe:
--- * Wallets are locked in ascending stream order (arrival order within one wallet), the same order
---   in every batch, so batches cannot deadlock on wallet rows.
+-- * Two passes. First every key is claimed, in ascending key order; then wallets are locked, in
+--   ascending stream order (arrival order within one wallet). Every batch takes its locks in the
+--   same two orders, and a batch waiting for a key (pass 1) holds no wallet lock yet, so batches
+--   cannot deadlock each other (a review found that claiming keys in wallet order could).
 -- * Rejections that are not recorded (asset_not_found, wallet_not_found, idempotency_key_reused)
 --   are decided before the key is claimed, without writing: nothing needs undoing, and the rest of
 --   the batch proceeds. Streams are never removed, so an existence check stays true.
--- * A key seen before (committed, or earlier in this very batch) replays its stored outcome.
+-- * A key seen before replays its stored outcome; a key repeated within the batch gets the outcome
+--   of its first occurrence, marked replayed.
+-- * The legs must be exactly the flow's: `user:<user_id>` by the signed amount and the kind's system
+--   account by its opposite. A mismatch is a programming error: it raises, and nothing is applied.
 --   A key being claimed by a concurrent transaction blocks the INSERT until that one commits or
 --   rolls back, exactly as for a single command.
 -- * Any unexpected error aborts the whole batch (nothing is applied); the caller then retries its
@@ -29,6 +34,21 @@ LANGUAGE sql IMMUTABLE AS $$
            p_prior.fingerprint = p_fingerprint
 $$;
 
+-- The flows, in SQL: the exact legs, event type and user delta of a top-up, bonus or spend (the same
+-- rule as domain.plan_transaction). Used to refuse mismatched legs here, and by `tally verify`.
+CREATE FUNCTION tally_flow_legs(p_kind text, p_user_id text, p_amount bigint,
+                                OUT legs jsonb, OUT event_type text, OUT user_delta bigint)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT jsonb_build_array(jsonb_build_object('account', 'system:' || f.system, 'amount', -f.delta),
+                             jsonb_build_object('account', 'user:' || p_user_id, 'amount', f.delta)),
+           f.event_type, f.delta
+      FROM (SELECT CASE p_kind WHEN 'top_up' THEN 'treasury' WHEN 'bonus' THEN 'bonus'
+                               WHEN 'spend' THEN 'revenue' END AS system,
+                   CASE p_kind WHEN 'top_up' THEN 'CreditsToppedUp' WHEN 'bonus' THEN 'BonusGranted'
+                               WHEN 'spend' THEN 'CreditsSpent' END AS event_type,
+                   CASE p_kind WHEN 'spend' THEN -p_amount ELSE p_amount END AS delta) f
+$$;
+
 CREATE FUNCTION tally_post_transactions(
     p_command_ids text[], p_fingerprints bytea[], p_metadata jsonb[], p_event_ids uuid[],
     p_event_types text[], p_kinds text[], p_user_ids text[], p_assets text[], p_amounts bigint[],
@@ -36,7 +56,13 @@ CREATE FUNCTION tally_post_transactions(
     p_expected_versions bigint[]
 ) RETURNS TABLE (idx int, status int, body text, replayed boolean) LANGUAGE plpgsql AS $$
 DECLARE
-    c record;
+    n int := cardinality(p_command_ids);
+    o_status int[] := array_fill(NULL::int, ARRAY[n]);
+    o_body text[] := array_fill(NULL::text, ARRAY[n]);
+    o_replayed boolean[] := array_fill(false, ARRAY[n]);
+    o_first int[] := array_fill(NULL::int, ARRAY[n]);  -- a repeated key: its first occurrence
+    claimed_by jsonb := '{}';                           -- key -> the index that claimed it here
+    i int;
     v_prior commands;
     v_stream streams;
     v_stream_id text;
@@ -46,98 +72,125 @@ DECLARE
     v_data jsonb;
     v_event record;
     v_body jsonb;
+    v_legs jsonb;
+    v_event_type text;
+    v_delta bigint;
+    v_replay record;
 BEGIN
-    FOR c IN
-        SELECT u.*
-          FROM unnest(p_command_ids, p_fingerprints, p_metadata, p_event_ids, p_event_types, p_kinds,
-                      p_user_ids, p_assets, p_amounts, p_user_deltas, p_entries, p_references,
-                      p_tx_metadata, p_expected_versions) WITH ORDINALITY
-               AS u(command_id, fingerprint, metadata, event_id, event_type, kind, user_id, asset,
-                    amount, user_delta, entries, reference, tx_metadata, expected_version, i)
-         ORDER BY u.user_id COLLATE "C", u.i
+    -- Pass 1, in key order: replays, unrecorded rejections, and the claim of every other key.
+    FOR i IN SELECT u.i FROM unnest(p_command_ids) WITH ORDINALITY AS u(k, i) ORDER BY u.k COLLATE "C", u.i
     LOOP
-        idx := c.i;
-        replayed := false;
-        v_stream_id := 'wallet:' || c.user_id;
-
-        SELECT * INTO v_prior FROM commands WHERE command_id = c.command_id;
+        IF claimed_by ? p_command_ids[i] THEN
+            o_first[i] := (claimed_by ->> p_command_ids[i])::int;
+            CONTINUE;
+        END IF;
+        SELECT * INTO v_prior FROM commands WHERE command_id = p_command_ids[i];
         IF FOUND THEN
-            SELECT r.o_status, r.o_body, r.o_replayed INTO status, body, replayed
-              FROM tally_replay(v_prior, c.fingerprint) r;
-            RETURN NEXT;
+            v_replay := tally_replay(v_prior, p_fingerprints[i]);
+            o_status[i] := v_replay.o_status;
+            o_body[i] := v_replay.o_body;
+            o_replayed[i] := v_replay.o_replayed;
             CONTINUE;
         END IF;
-        IF NOT EXISTS (SELECT 1 FROM streams WHERE stream_id = 'asset:' || c.asset) THEN
-            status := 404;
-            body := jsonb_build_object('code', 'asset_not_found',
-                                       'detail', format('asset %s is not defined', c.asset))::text;
-            RETURN NEXT;
+        IF NOT EXISTS (SELECT 1 FROM streams WHERE stream_id = 'asset:' || p_assets[i]) THEN
+            o_status[i] := 404;
+            o_body[i] := jsonb_build_object('code', 'asset_not_found',
+                                            'detail', format('asset %s is not defined', p_assets[i]))::text;
             CONTINUE;
         END IF;
-        IF NOT EXISTS (SELECT 1 FROM streams WHERE stream_id = v_stream_id) THEN
-            status := 404;
-            body := jsonb_build_object('code', 'wallet_not_found',
-                                       'detail', format('no wallet for user %s', c.user_id))::text;
-            RETURN NEXT;
+        IF NOT EXISTS (SELECT 1 FROM streams WHERE stream_id = 'wallet:' || p_user_ids[i]) THEN
+            o_status[i] := 404;
+            o_body[i] := jsonb_build_object('code', 'wallet_not_found',
+                                            'detail', format('no wallet for user %s', p_user_ids[i]))::text;
             CONTINUE;
         END IF;
-
+        SELECT f.legs, f.event_type, f.user_delta INTO v_legs, v_event_type, v_delta
+          FROM tally_flow_legs(p_kinds[i], p_user_ids[i], p_amounts[i]) f;
+        IF v_event_type IS NULL OR p_entries[i] IS DISTINCT FROM v_legs OR p_user_deltas[i] IS DISTINCT FROM v_delta
+           OR p_event_types[i] IS DISTINCT FROM v_event_type THEN
+            RAISE EXCEPTION 'the legs of command % do not match a % of %', p_command_ids[i], p_kinds[i],
+                p_amounts[i] USING ERRCODE = 'data_exception';
+        END IF;
         INSERT INTO commands (command_id, fingerprint, metadata)
-        VALUES (c.command_id, c.fingerprint, c.metadata)
+        VALUES (p_command_ids[i], p_fingerprints[i], p_metadata[i])
         ON CONFLICT (command_id) DO NOTHING;
         IF NOT FOUND THEN  -- a concurrent duplicate committed while this INSERT waited for it
-            SELECT * INTO STRICT v_prior FROM commands WHERE command_id = c.command_id;
-            SELECT r.o_status, r.o_body, r.o_replayed INTO status, body, replayed
-              FROM tally_replay(v_prior, c.fingerprint) r;
-            RETURN NEXT;
+            SELECT * INTO STRICT v_prior FROM commands WHERE command_id = p_command_ids[i];
+            v_replay := tally_replay(v_prior, p_fingerprints[i]);
+            o_status[i] := v_replay.o_status;
+            o_body[i] := v_replay.o_body;
+            o_replayed[i] := v_replay.o_replayed;
             CONTINUE;
         END IF;
+        claimed_by := claimed_by || jsonb_build_object(p_command_ids[i], i);
+    END LOOP;
 
+    -- Pass 2, in wallet order: lock, decide, append, record, for every key claimed in pass 1.
+    FOR i IN SELECT (c.value)::int FROM jsonb_each_text(claimed_by) c
+              ORDER BY p_user_ids[(c.value)::int] COLLATE "C", (c.value)::int
+    LOOP
+        v_stream_id := 'wallet:' || p_user_ids[i];
         SELECT * INTO STRICT v_stream FROM streams WHERE stream_id = v_stream_id FOR UPDATE;
-        IF c.expected_version IS NOT NULL AND v_stream.version <> c.expected_version THEN
+        IF p_expected_versions[i] IS NOT NULL AND v_stream.version <> p_expected_versions[i] THEN
             v_body := jsonb_build_object(
                 'code', 'version_mismatch',
                 'detail', format('wallet %s is at version %s, not %s',
-                                 c.user_id, v_stream.version, c.expected_version),
+                                 p_user_ids[i], v_stream.version, p_expected_versions[i]),
                 'current_version', v_stream.version);
-            PERFORM tally_record_outcome(c.command_id, 412, v_body, v_stream_id, NULL);
-            status := 412;
-            body := v_body::text;
-            RETURN NEXT;
+            PERFORM tally_record_outcome(p_command_ids[i], 412, v_body, v_stream_id, NULL);
+            o_status[i] := 412;
+            o_body[i] := v_body::text;
             CONTINUE;
         END IF;
-        v_balance := coalesce((v_stream.state -> 'balances' ->> c.asset)::numeric, 0);
-        v_after := v_balance + c.user_delta;
+        v_balance := coalesce((v_stream.state -> 'balances' ->> p_assets[i])::numeric, 0);
+        v_after := v_balance + p_user_deltas[i];
         IF v_after < 0 THEN
             v_body := jsonb_build_object(
                 'code', 'insufficient_funds',
                 'detail', format('wallet %s holds %s %s, less than the %s requested',
-                                 c.user_id, v_balance, c.asset, c.amount),
-                'balance', v_balance, 'amount', c.amount);
-            PERFORM tally_record_outcome(c.command_id, 409, v_body, v_stream_id, NULL);
-            status := 409;
-            body := v_body::text;
-            RETURN NEXT;
+                                 p_user_ids[i], v_balance, p_assets[i], p_amounts[i]),
+                'balance', v_balance, 'amount', p_amounts[i]);
+            PERFORM tally_record_outcome(p_command_ids[i], 409, v_body, v_stream_id, NULL);
+            o_status[i] := 409;
+            o_body[i] := v_body::text;
             CONTINUE;
         END IF;
         v_data := jsonb_build_object(
-            'transaction_id', c.event_id, 'kind', c.kind, 'user_id', c.user_id, 'asset', c.asset,
-            'amount', c.amount, 'entries', c.entries, 'reference', c.reference,
-            'metadata', c.tx_metadata, 'balance_after', v_after);
-        v_event := tally_append_event(v_stream_id, v_stream.version + 1, v_stream.last_hash, c.event_id,
-                                      c.event_type, v_data, c.metadata, v_now);
+            'transaction_id', p_event_ids[i], 'kind', p_kinds[i], 'user_id', p_user_ids[i],
+            'asset', p_assets[i], 'amount', p_amounts[i], 'entries', p_entries[i],
+            'reference', p_references[i], 'metadata', p_tx_metadata[i], 'balance_after', v_after);
+        v_event := tally_append_event(v_stream_id, v_stream.version + 1, v_stream.last_hash, p_event_ids[i],
+                                      p_event_types[i], v_data, p_metadata[i], v_now);
         UPDATE streams
            SET version = v_stream.version + 1,
-               state = jsonb_set(v_stream.state, ARRAY['balances', c.asset], to_jsonb(v_after)),
+               state = jsonb_set(v_stream.state, ARRAY['balances', p_assets[i]], to_jsonb(v_after)),
                last_hash = v_event.o_hash,
                updated_at = v_now
          WHERE stream_id = v_stream_id;
         v_body := v_data || jsonb_build_object('wallet_version', v_stream.version + 1,
                                                'created_at', tally_timestamp_text(v_now),
                                                'consistency_token', v_event.o_token);
-        PERFORM tally_record_outcome(c.command_id, 201, v_body, v_stream_id, c.event_id);
-        status := 201;
-        body := v_body::text;
+        PERFORM tally_record_outcome(p_command_ids[i], 201, v_body, v_stream_id, p_event_ids[i]);
+        o_status[i] := 201;
+        o_body[i] := v_body::text;
+    END LOOP;
+
+    FOR i IN 1 .. n LOOP
+        idx := i;
+        IF o_first[i] IS NULL THEN
+            status := o_status[i];
+            body := o_body[i];
+            replayed := o_replayed[i];
+        ELSIF p_fingerprints[i] = p_fingerprints[o_first[i]] THEN
+            status := o_status[o_first[i]];
+            body := o_body[o_first[i]];
+            replayed := true;
+        ELSE
+            status := 422;
+            body := jsonb_build_object('code', 'idempotency_key_reused',
+                                       'detail', 'this Idempotency-Key was used for a different request')::text;
+            replayed := false;
+        END IF;
         RETURN NEXT;
     END LOOP;
 END $$;

@@ -36,6 +36,7 @@ PROJECTIONS: Final = {
 EVENTS_CHANNEL: Final = "tally_events"
 PROGRESS_CHANNEL: Final = "tally_projections"
 PROJECTOR_LOCK_KEY: Final = 0x7A11_0002
+PROJECTION_LOCK_BASE: Final = 0x7A11_0010
 # Under load, wake-ups arrive far more often than a projection round is worth running: pacing
 # rounds (and the NOTIFYs that trigger them) lets each round apply a larger batch for the same
 # fixed cost, at the price of at most this much extra lag.
@@ -52,18 +53,32 @@ SELECT e.global_position, e.stream_id, e.stream_version, e.event_type
 _STOP_PROJECTION = """
 UPDATE projection_checkpoints SET error = $2, error_position = $3, stopped_at = now() WHERE name = $1
 """
-_CONNECTION_ERRORS: Final = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-)
+# SQLSTATE classes of errors that say nothing about the event being applied: connection (08),
+# transaction rollback such as deadlocks (40), insufficient resources (53), lock not available and
+# object in use (55), operator intervention such as a restart (57), system errors (58). Anything
+# else (a data or constraint error) is what a poison event looks like.
+_TRANSIENT_SQLSTATE_CLASSES: Final = frozenset({"08", "40", "53", "55", "57", "58"})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors to retry after a pause (reconnecting), False for a failing event."""
+    if isinstance(exc, OSError | asyncpg.InterfaceError | TimeoutError):
+        return True
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES
+
+
+def projection_lock_key(name: str) -> int:
+    """The transaction-level advisory lock every live batch of ``name`` takes first, and the rebuild
+    swap too: whoever waits for it holds nothing else, so the two cannot deadlock."""
+    return PROJECTION_LOCK_BASE + list(PROJECTIONS).index(name)
 
 
 async def project_batch(pool: asyncpg.Pool, name: str, batch_size: int) -> tuple[int, Position]:
     """Apply at most ``batch_size`` events to projection ``name``; (applied, checkpoint after)."""
-    row = await pool.fetchrow(PROJECTIONS[name], batch_size)
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", projection_lock_key(name))
+        row = await conn.fetchrow(PROJECTIONS[name], batch_size)
     assert row is not None
     return row["applied"], Position(int(row["last_xid"]), row["last_position"])
 
@@ -76,6 +91,8 @@ async def _isolate_poison(pool: asyncpg.Pool, name: str, error: asyncpg.Postgres
         try:
             applied, _ = await project_batch(pool, name, 1)
         except asyncpg.PostgresError as exc:
+            if is_transient(exc):
+                raise
             error = exc
             break
         if applied == 0:  # no event fails on its own: the failure was transient; retry next round
@@ -105,9 +122,9 @@ async def catch_up(pool: asyncpg.Pool, batch_size: int) -> dict[str, Position]:
         while True:
             try:
                 applied, checkpoint = await project_batch(pool, name, batch_size)
-            except _CONNECTION_ERRORS:
-                raise
             except asyncpg.PostgresError as exc:
+                if is_transient(exc):
+                    raise
                 log.warning("projection %s failed a batch (%s); isolating the event", name, exc)
                 await _isolate_poison(pool, name, exc)
                 break
@@ -137,10 +154,12 @@ class Projector:
         while not stop.is_set():
             try:
                 await self._run_connected(stop)
-            except _CONNECTION_ERRORS as exc:
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
                 delay = RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)]
                 failures += 1
-                log.warning("projector lost the database (%s); reconnecting in %.1f s", exc, delay)
+                log.warning("projector interrupted (%s); retrying in %.1f s", exc, delay)
                 await _wait_any(asyncio.Event(), stop, delay)
             else:
                 return

@@ -18,6 +18,7 @@ Interrupting a rebuild leaves its schema and checkpoint in place: running it aga
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 import zlib
@@ -27,7 +28,7 @@ from typing import Final, TextIO
 import asyncpg
 import msgspec
 
-from projections.projector import PROJECTIONS
+from projections.projector import PROJECTIONS, projection_lock_key
 
 TABLES: Final[dict[str, tuple[str, ...]]] = {
     "wallets": ("rm_assets", "rm_wallets", "rm_balances"),
@@ -35,6 +36,9 @@ TABLES: Final[dict[str, tuple[str, ...]]] = {
     "system": ("rm_system_balances",),
 }
 REBUILD_BATCH: Final = 20_000
+SWAP_LOCK_TIMEOUT_MS: Final = 200
+SWAP_RETRY_INTERVAL_S: Final = 0.5
+SWAP_PATIENCE_S: Final = 900
 _LOCK_BASE: Final = 0x7A11_0100
 
 
@@ -80,11 +84,22 @@ async def _apply(conn: asyncpg.Connection, name: str, batch: int) -> int:
 
 
 async def _swap(conn: asyncpg.Connection, name: str, batch: int) -> tuple[int, int]:
-    """Finish the replay and swap the copies in, atomically. Returns (events applied, generation)."""
+    """Finish the replay and swap the copies in, atomically. Returns (events applied, generation).
+
+    Lock order (found in review): first the projection's advisory lock, which every live batch
+    takes first too, so the live projector waits there holding nothing; then the live tables, with
+    a short lock_timeout, so a long reader (a running `tally verify`) makes the swap give up and
+    retry rather than queue an exclusive lock that blocks every API read behind it; only then the
+    checkpoint row, the first write, which assigns this transaction its id. A transaction id held
+    while waiting would hold back every projection (they read below the oldest running one).
+    """
     schema = _schema(name)
     applied = 0
+    live_tables = ", ".join(f"public.{table}" for table in TABLES[name])
     async with conn.transaction():
-        # The live projector blocks on this row lock until the swap commits.
+        await conn.execute(f"SET LOCAL lock_timeout = '{SWAP_LOCK_TIMEOUT_MS}ms'")
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", projection_lock_key(name))
+        await conn.execute(f"LOCK TABLE {live_tables} IN ACCESS EXCLUSIVE MODE")
         await conn.execute("SELECT 1 FROM public.projection_checkpoints WHERE name = $1 FOR UPDATE", name)
         while (n := await _apply(conn, name, batch)) > 0:
             applied += n
@@ -136,7 +151,20 @@ async def rebuild(
                 progress(name, done + replayed, max(total, done + replayed))
             if applied < batch:
                 break
-        applied, generation = await _swap(conn, name, batch)
+        deadline = time.monotonic() + SWAP_PATIENCE_S
+        while True:
+            try:
+                applied, generation = await _swap(conn, name, batch)
+                break
+            except asyncpg.LockNotAvailableError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"could not swap {name} in for {SWAP_PATIENCE_S} s: its tables stayed in use "
+                        "(a long `tally verify`?); run the rebuild again to resume"
+                    ) from None
+                # Keep up with new events meanwhile, so the final swap has little left to do.
+                replayed += await _apply(conn, name, batch)
+                await asyncio.sleep(SWAP_RETRY_INTERVAL_S)
         replayed += applied
         seconds = time.perf_counter() - clock
     finally:

@@ -102,6 +102,9 @@ BAD_MOVE_BODIES: dict[str, dict[str, Any]] = {
         "user_id in the body": _move(user_id="alice"),
         "reference of 256 characters": _move(reference="r" * 256),
         "reference a number": _move(reference=5),
+        "reference with a NUL character": _move(reference="a\u0000b"),
+        "metadata value with a NUL character": _move(metadata={"k": "a\u0000"}),
+        "metadata key with a NUL character": _move(metadata={"k\u0000": "v"}),
     },
 }
 
@@ -184,6 +187,7 @@ BAD_ASSET_BODIES: dict[str, dict[str, Any]] = {
         "empty body": b"",
         "name missing": {"code": "GEMS", "decimals": 0},
         "name empty": _asset(name=""),
+        "name with a NUL character": _asset(name="Ge\u0000ms"),
         "name of 65 characters": _asset(name="n" * 65),
         "name null": _asset(name=None),
         "decimals missing": {"code": "GEMS", "name": "Gems"},
@@ -303,7 +307,16 @@ async def test_a_malformed_if_match_is_refused(funded: Client) -> None:
     before = await ledger_state(client, "alice")
     refusals = Refusals()
     for flow in FLOWS:
-        for if_match in ["abc", '"abc"', '"-1"', '"1.5"', '"2", "3"', "v2", '"99999999999999999999"']:
+        for if_match in [
+            "abc",
+            '"abc"',
+            '"-1"',
+            '"1.5"',
+            '"2", "3"',
+            "v2",
+            '"99999999999999999999"',
+            'W/"2"',
+        ]:
             response = await post(
                 client, f"/v1/wallets/alice/{flow}", _move(amount=5), headers={"If-Match": if_match}
             )

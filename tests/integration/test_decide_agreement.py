@@ -1,7 +1,7 @@
 """The write side's SQL function and the pure domain decide alike, on any command sequence.
 
 The write side enforces the state-dependent rules (floor, expected version) inside
-tally_post_transaction for speed; domain.decide is the specification. Hypothesis drives the same
+tally_post_transactions for speed; domain.decide is the specification. Hypothesis drives the same
 random sequence through both and compares every outcome and balance.
 """
 

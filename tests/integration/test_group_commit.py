@@ -4,12 +4,14 @@ decide exactly as they would alone."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import asyncpg
 import pytest
 
 from commands import EventStore, IdempotencyKeyReused, handle_spend_credits, handle_top_up_credits
+from commands.event_store import _POST_TRANSACTIONS, CommandContext
 from domain import InsufficientFunds, SpendCredits, TopUpCredits, VersionMismatch, WalletNotFound
 from tests.helpers import ctx, define_asset, open_wallet, stream_balance
 
@@ -113,3 +115,72 @@ async def test_batch_size_does_not_change_outcomes(pool: asyncpg.Pool, max_batch
     )
     assert len({r.body for r in results}) == 10
     assert await stream_balance(pool, "u") == 55
+
+
+def _top_up_args(key: str, user: str, amount: int, reference: str) -> tuple[object, ...]:
+    entries = [
+        {"account": "system:treasury", "amount": -amount},
+        {"account": f"user:{user}", "amount": amount},
+    ]
+    fingerprint = CommandContext.fingerprint_of(key, user, str(amount), reference)
+    return (key, fingerprint, json.dumps({"command_id": key}), uuid.uuid4(), "CreditsToppedUp", "top_up",
+            user, "GOLD", amount, amount, json.dumps(entries), reference, "{}", None)  # fmt: skip
+
+
+def _columns(*commands: tuple[object, ...]) -> list[list[object]]:
+    return [list(column) for column in zip(*commands, strict=True)]
+
+
+async def test_a_retried_key_racing_its_own_batch_does_not_deadlock(pool: asyncpg.Pool) -> None:
+    """Found in review: batch A = [K1, K2] holds the wallet while a retry of K2 (batch B) claims K2
+    and waits for the wallet: a cycle, when keys were claimed in wallet order. Keys are now all
+    claimed before any wallet is locked."""
+    setup = EventStore(pool)
+    await define_asset(setup)
+    await open_wallet(setup, "alice")
+    # This test database only: make the first append slow, so B arrives while A holds the wallet.
+    await pool.execute(
+        """CREATE FUNCTION slow_append() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN IF NEW.data ->> 'reference' = 'slow' THEN PERFORM pg_sleep(0.5); END IF; RETURN NEW; END $$;
+           CREATE TRIGGER slow_append BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION slow_append()"""
+    )
+    k1 = _top_up_args("K1", "alice", 10, "slow")
+    k2 = _top_up_args("K2", "alice", 20, "fast")
+    k2_retry = (*k2[:3], uuid.uuid4(), *k2[4:])
+
+    async def batch_b() -> list[asyncpg.Record]:
+        await asyncio.sleep(0.2)
+        return await pool.fetch(_POST_TRANSACTIONS, *_columns(k2_retry))
+
+    a, b = await asyncio.gather(pool.fetch(_POST_TRANSACTIONS, *_columns(k1, k2)), batch_b())
+    assert [(r["status"], r["replayed"]) for r in a] == [(201, False), (201, False)]
+    assert [(r["status"], r["replayed"]) for r in b] == [(201, True)]
+    assert b[0]["body"] == a[1]["body"]
+    assert await stream_balance(pool, "alice") == 30
+
+
+async def test_a_repeated_key_within_one_batch_replays_its_first_occurrence(pool: asyncpg.Pool) -> None:
+    setup = EventStore(pool)
+    await define_asset(setup)
+    await open_wallet(setup, "alice")
+    first = _top_up_args("K", "alice", 10, "r")
+    again = (*first[:3], uuid.uuid4(), *first[4:])
+    other = _top_up_args("K", "alice", 99, "r")  # same key, another request
+    rows = await pool.fetch(_POST_TRANSACTIONS, *_columns(first, again, other))
+    assert [(r["status"], r["replayed"]) for r in rows] == [(201, False), (201, True), (422, False)]
+    assert rows[0]["body"] == rows[1]["body"]
+    assert await stream_balance(pool, "alice") == 10
+
+
+async def test_legs_that_do_not_match_the_kind_are_refused(pool: asyncpg.Pool) -> None:
+    """Found in review: the SQL trusted the planned legs, so a bug (or a direct caller) could post a
+    "spend" that credits the user. The function now requires exactly the flow's legs."""
+    setup = EventStore(pool)
+    await define_asset(setup)
+    await open_wallet(setup, "alice")
+    forged = list(_top_up_args("F", "alice", 5, "r"))
+    forged[4:6] = ["CreditsSpent", "spend"]  # a "spend" whose legs credit the user
+    with pytest.raises(asyncpg.DataError, match="do not match"):
+        await pool.fetch(_POST_TRANSACTIONS, *_columns(tuple(forged)))
+    assert await stream_balance(pool, "alice") == 0
+    assert await pool.fetchval("SELECT count(*) FROM commands WHERE command_id = 'F'") == 0

@@ -101,3 +101,31 @@ async def test_rebuild_under_load_corrupts_nothing(
     await _assert_verified(pool)
     generations = await pool.fetch("SELECT generation FROM projection_checkpoints")
     assert {r["generation"] for r in generations} == {2}
+
+
+async def test_a_swap_waits_for_a_running_verify_without_stalling_anything(
+    db_url: str, pool: asyncpg.Pool, store: EventStore
+) -> None:
+    """Found in review: a swap during verify made verify compare new tables with old checkpoints,
+    and a swap queued behind verify held a transaction id that stalled every projection."""
+    await _ledger(store)
+    await projected(pool)
+    reader = await pool.acquire()
+    verifying = reader.transaction(isolation="repeatable_read", readonly=True)
+    await verifying.start()
+    await reader.execute("LOCK TABLE rm_system_balances IN ACCESS SHARE MODE")  # what verify holds
+    rebuilding = asyncio.create_task(rebuild(db_url, "system", batch=10))
+    try:
+        await asyncio.sleep(1.5)  # several swap attempts give way meanwhile
+        assert not rebuilding.done()
+        # Meanwhile the ledger moves on and the projections keep up: the waiting swap holds no
+        # transaction id, so nothing holds back what they may read.
+        await top_up(store, "u1", 5)
+        await projected(pool)
+    finally:
+        await verifying.rollback()
+        await pool.release(reader)
+    result = await asyncio.wait_for(rebuilding, 60)
+    assert result.generation == 2
+    await projected(pool)
+    await _assert_verified(pool)

@@ -158,6 +158,9 @@ async def test_a_rehashed_overdraft_is_still_caught(pool: asyncpg.Pool, store: E
         ("DELETE FROM rm_transactions WHERE user_id = 'ann' AND wallet_version = 3",
          "read_model_history", "wallet:ann"),
         ("UPDATE rm_system_balances SET balance = 0 WHERE account = 'revenue'", "read_model_system", None),
+        # A top-up relabelled as a spend: balanced, closed-loop, but not a spend's legs.
+        ("UPDATE events SET data = jsonb_set(data, '{kind}', '\"spend\"') "
+         "WHERE stream_id = 'wallet:ann' AND stream_version = 2", "legs_do_not_match_kind", "wallet:ann"),
         ("UPDATE commands SET status = NULL, response = NULL WHERE stream_id = 'wallet:ann' AND status = 201 "
          "AND event_id = (SELECT event_id FROM events WHERE stream_id = 'wallet:ann' AND stream_version = 3)",
          "command_outcome", "wallet:ann"),
