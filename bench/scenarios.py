@@ -6,7 +6,7 @@ Workloads:
   10,000. Wallet row locks almost never collide, so this measures the per-command cost of the
   whole stack: HTTP parsing, Litestar, the idempotency claim, the append, the commit.
 * **one hot wallet**: every request spends from the same wallet. Each command holds that wallet's
-  row lock only while PostgreSQL runs ``tally_post_transaction`` (one round trip, never across
+  row lock only while PostgreSQL runs ``tally_post_transactions`` (one round trip, never across
   the network), so this measures how fast commands serialize on one row.
 
 Transports:
@@ -14,7 +14,7 @@ Transports:
 * **HTTP**: ``POST /v1/wallets/{user_id}/spends`` with a unique ``Idempotency-Key`` through the
   running server; success is ``201 Created``.
 * **SQL**, the raw-SQL limit: the same command through ``commands.EventStore.post_transaction``
-  (the API's own data-access layer, so the same ``tally_post_transaction`` call with the same
+  (the API's own data-access layer, so the same ``tally_post_transactions`` call with the same
   arguments the controller would build: the transaction plan from ``domain``, the request
   fingerprint, a fresh event id) over an asyncpg pool of one connection per client, with no HTTP
   and no Litestar in between. It is what PostgreSQL and the driver alone sustain at the same
