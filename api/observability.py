@@ -24,7 +24,13 @@ from prometheus_client import Counter, Gauge
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("tally_request_id", default=None)
 _SANE_REQUEST_ID: Final = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 # Attributes every LogRecord has; anything else on a record was passed with ``extra=``.
-_STANDARD: Final = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+# (uvicorn adds ``color_message``, a copy of the message with terminal colours.)
+_STANDARD: Final = frozenset(vars(logging.makeLogRecord({}))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}
 
 access_log = logging.getLogger("tally.access")
 

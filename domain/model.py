@@ -187,7 +187,7 @@ def decide(state: WalletState, command: TransactionCommand, *, transaction_id: s
     """The events a transaction command produces on a wallet, or the domain rejection.
 
     The write side enforces the same rules inside one SQL function under the wallet's row lock
-    (migrations/0001_event_store.sql, tally_post_transaction), because one round trip is what keeps
+    (migrations/0004_group_commit.sql, tally_post_transactions), because one round trip is what keeps
     a hot wallet fast; tests/integration/test_decide_agreement.py checks that both decide alike.
     """
     if command.expected_version is not None and command.expected_version != state.version:
