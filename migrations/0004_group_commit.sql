@@ -61,7 +61,9 @@ DECLARE
     o_body text[] := array_fill(NULL::text, ARRAY[n]);
     o_replayed boolean[] := array_fill(false, ARRAY[n]);
     o_first int[] := array_fill(NULL::int, ARRAY[n]);  -- a repeated key: its first occurrence
-    claimed_by jsonb := '{}';                           -- key -> the index that claimed it here
+    claimed int[] := '{}';                              -- the commands whose keys this call claimed
+    v_last_key text;                                    -- pass 1 goes in key order: a repeated key
+    v_last_claim int;                                   -- follows its first occurrence directly
     i int;
     v_prior commands;
     v_stream streams;
@@ -80,10 +82,12 @@ BEGIN
     -- Pass 1, in key order: replays, unrecorded rejections, and the claim of every other key.
     FOR i IN SELECT u.i FROM unnest(p_command_ids) WITH ORDINALITY AS u(k, i) ORDER BY u.k COLLATE "C", u.i
     LOOP
-        IF claimed_by ? p_command_ids[i] THEN
-            o_first[i] := (claimed_by ->> p_command_ids[i])::int;
+        IF p_command_ids[i] = v_last_key AND v_last_claim IS NOT NULL THEN
+            o_first[i] := v_last_claim;
             CONTINUE;
         END IF;
+        v_last_key := p_command_ids[i];
+        v_last_claim := NULL;
         SELECT * INTO v_prior FROM commands WHERE command_id = p_command_ids[i];
         IF FOUND THEN
             v_replay := tally_replay(v_prior, p_fingerprints[i]);
@@ -122,12 +126,12 @@ BEGIN
             o_replayed[i] := v_replay.o_replayed;
             CONTINUE;
         END IF;
-        claimed_by := claimed_by || jsonb_build_object(p_command_ids[i], i);
+        claimed := claimed || i;
+        v_last_claim := i;
     END LOOP;
 
     -- Pass 2, in wallet order: lock, decide, append, record, for every key claimed in pass 1.
-    FOR i IN SELECT (c.value)::int FROM jsonb_each_text(claimed_by) c
-              ORDER BY p_user_ids[(c.value)::int] COLLATE "C", (c.value)::int
+    FOR i IN SELECT c FROM unnest(claimed) c ORDER BY p_user_ids[c] COLLATE "C", c
     LOOP
         v_stream_id := 'wallet:' || p_user_ids[i];
         SELECT * INTO STRICT v_stream FROM streams WHERE stream_id = v_stream_id FOR UPDATE;
