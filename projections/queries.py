@@ -1,5 +1,5 @@
-"""Queries over the read models. Each names the projection it reads (``PROJECTION``) so a caller
-can wait for that projection with a consistency token first."""
+"""Queries over the read models. They read what the projections have applied so far; a caller that
+must see its own write first waits on the projections the query reads (api.controllers._wait)."""
 
 from __future__ import annotations
 
