@@ -160,10 +160,9 @@ class EventStore:
             rows = await self._pool.fetch(
                 _POST_TRANSACTIONS, *(list(column) for column in zip(*(a for a, _ in batch), strict=True))
             )
-        except asyncio.CancelledError as exc:  # the loop is going away: nobody may wait forever
+        except asyncio.CancelledError:  # the loop is going away: nobody may wait forever
             for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+                future.cancel()
             raise
         except Exception as exc:
             # Retrying one by one is safe whatever happened: a batch that rolled back applied

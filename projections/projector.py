@@ -145,20 +145,21 @@ class Projector:
         self._batch_size = batch_size
         self._poll_interval = poll_interval
         self._wake = asyncio.Event()
+        self._failures = 0
         # Operators (and the failover test) find the active instance by this name in
         # pg_stat_activity, joined to the advisory lock in pg_locks.
         self.application_name = f"tally-projector:{os.getpid()}"
 
     async def run(self, stop: asyncio.Event) -> None:
-        failures = 0
+        self._failures = 0
         while not stop.is_set():
             try:
                 await self._run_connected(stop)
             except Exception as exc:
                 if not is_transient(exc):
                     raise
-                delay = RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)]
-                failures += 1
+                delay = RECONNECT_DELAYS[min(self._failures, len(RECONNECT_DELAYS) - 1)]
+                self._failures += 1
                 log.warning("projector interrupted (%s); retrying in %.1f s", exc, delay)
                 await _wait_any(asyncio.Event(), stop, delay)
             else:
@@ -173,6 +174,7 @@ class Projector:
             if not await self._become_active(listener, stop):
                 return
             log.info("projector active (%s)", self.application_name)
+            self._failures = 0  # back to short pauses once it works again
             last: dict[str, Position] = {}
             while not stop.is_set():
                 if listener.is_closed():
