@@ -88,7 +88,8 @@ async def test_lag_is_reported(pool: asyncpg.Pool, store: EventStore) -> None:
     await open_wallet(store, "ann")
     behind = {s.name: s.events_behind for s in await projection_status(pool)}
     assert behind == {"wallets": 2, "history": 2, "system": 2}
-    assert all(s.seconds_behind >= 0 for s in await projection_status(pool))
+    ages = [s.seconds_behind for s in await projection_status(pool)]
+    assert min(ages) >= 0  # an age, never negative (a property of the status, not a timing)
     await projected(pool)
     assert {s.events_behind for s in await projection_status(pool)} == {0}
 
