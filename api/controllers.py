@@ -58,7 +58,7 @@ from projections.read_models import (
     TransactionPage,
     Wallet,
 )
-from projections.watcher import ProjectionWatcher
+from projections.watcher import ProjectionTimeout, ProjectionWatcher
 
 T = TypeVar("T")
 log = logging.getLogger("tally.commands")
@@ -263,7 +263,7 @@ class WalletController(Controller):
                 raise InvalidRequest(str(exc)) from None
             return Response(await wallet_as_of(pool, user_id, moment))
         await _wait(state, ("wallets",), consistent_with)
-        wallet = await queries.get_wallet(pool, user_id)
+        wallet = await _complete_wallet(state, pool, user_id)
         return Response(wallet, headers={"ETag": f'"{wallet.version}"'})
 
     @post(
@@ -344,6 +344,20 @@ class WalletController(Controller):
             return await queries.wallet_history(pool, user_id, asset=asset, limit=limit, cursor=cursor)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
+
+
+async def _complete_wallet(state: State, pool: asyncpg.Pool, user_id: str) -> Wallet:
+    """The wallet once its read model holds every version up to the one it shows (a gap lasts one
+    projection batch); ProjectionTimeout after the consistency timeout."""
+    settings: Settings = state.settings
+    deadline = asyncio.get_running_loop().time() + settings.consistency_timeout
+    while True:
+        try:
+            return await queries.get_wallet(pool, user_id)
+        except queries.WalletIncomplete:
+            if asyncio.get_running_loop().time() > deadline:
+                raise ProjectionTimeout(f"the read model of wallet {user_id} is catching up") from None
+            await asyncio.sleep(0.01)
 
 
 async def _move_credits(

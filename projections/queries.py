@@ -27,9 +27,15 @@ class TransactionNotFound(Exception):
     code = "transaction_not_found"
 
 
+class WalletIncomplete(Exception):
+    """The wallets projection has applied this wallet's version N but not yet all of 1..N (see
+    migrations/0005_wallet_completeness.sql): answering now would show a state that never existed.
+    It is complete again after the projection's next batch."""
+
+
 _ASSETS = "SELECT code, name, decimals, created_at FROM rm_assets ORDER BY code"
 _WALLET = """
-SELECT w.version, w.metadata::text AS metadata, w.created_at,
+SELECT w.version, w.events_applied, w.metadata::text AS metadata, w.created_at,
        coalesce(array_agg(b.asset ORDER BY b.asset) FILTER (WHERE b.asset IS NOT NULL), '{}') AS assets,
        coalesce(array_agg(b.balance::text ORDER BY b.asset) FILTER (WHERE b.asset IS NOT NULL), '{}')
            AS balances
@@ -76,6 +82,8 @@ async def get_wallet(pool: asyncpg.Pool, user_id: str) -> Wallet:
     row = await pool.fetchrow(_WALLET, user_id)
     if row is None:
         raise WalletNotFound(f"no wallet for user {user_id}")
+    if row["events_applied"] < row["version"]:
+        raise WalletIncomplete(user_id)
     return Wallet(
         user_id=user_id,
         version=row["version"],

@@ -216,14 +216,15 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
         f"""WITH cp AS (SELECT last_xid, last_position FROM projection_checkpoints WHERE name = 'wallets'),
             upto AS (SELECT e.* FROM cp, events e
                       WHERE (e.transaction_id, e.global_position) <= (cp.last_xid, cp.last_position)),
-            replay AS (SELECT substr(stream_id, 8) AS user_id, max(stream_version) AS version
+            replay AS (SELECT substr(stream_id, 8) AS user_id, max(stream_version) AS version,
+                              count(*) AS applied
                          FROM upto WHERE stream_id LIKE 'wallet:%' GROUP BY 1),
             assets AS (SELECT data ->> 'code' AS code FROM upto WHERE event_type = 'AssetDefined')
             SELECT 'read_model_wallets', 'rm_wallets version differs from the replay',
                    'wallet:' || coalesce(r.user_id, w.user_id), NULL::bigint, NULL::bigint,
                    coalesce(r.version::text, 'absent'), coalesce(w.version::text, 'absent')
               FROM replay r FULL JOIN rm_wallets w ON w.user_id = r.user_id
-             WHERE r.version IS DISTINCT FROM w.version
+             WHERE r.version IS DISTINCT FROM w.version OR r.applied IS DISTINCT FROM w.events_applied
             UNION ALL
             SELECT 'read_model_wallets', 'rm_assets differs from the AssetDefined events',
                    'asset:' || coalesce(a.code, m.code), NULL, NULL,

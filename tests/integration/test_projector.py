@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncpg
+import pytest
 
 from commands import EventStore
 from projections.projector import project_batch
+from projections.queries import WalletIncomplete, get_wallet
 from tests.helpers import ctx, define_asset, open_wallet, projected
 
 _POST = """SELECT status FROM tally_post_transaction(
@@ -93,3 +95,37 @@ async def test_each_event_is_applied_once_across_repeated_runs(pool: asyncpg.Poo
     applied = await pool.fetchval("SELECT events_applied FROM projection_checkpoints WHERE name = 'wallets'")
     events = await pool.fetchval("SELECT count(*) FROM events")
     assert applied == events
+
+
+async def test_a_wallet_is_never_served_with_a_version_gap(pool: asyncpg.Pool, store: EventStore) -> None:
+    """Found in review: one wallet's versions can be applied out of order (a transaction's id comes
+    from its first write, before it waits for the wallet). Between two batches the read model held
+    version 3 without version 2's delta; it now says it is incomplete until the gap is filled."""
+    await define_asset(store)
+    await open_wallet(store, "w")
+    await open_wallet(store, "x")
+    await projected(pool)
+
+    early = await pool.acquire()
+    late = await pool.acquire()
+    try:
+        early_tx = await _begin_top_up(early, "x", 1)  # takes the lower transaction id first
+        late_tx = await _begin_top_up(late, "w", 20)  # wallet w version 2, higher transaction id
+        await late_tx.commit()
+        c = ctx()
+        assert await early.fetchval(_POST, c.command_id, c.fingerprint, "w", 300) == 201  # w version 3
+        await early_tx.commit()
+    finally:
+        await pool.release(early)
+        await pool.release(late)
+
+    # The lower transaction id goes first: x's top-up and w's version 3, not yet w's version 2.
+    applied, _ = await project_batch(pool, "wallets", 2)
+    assert applied == 2
+    assert await pool.fetchval("SELECT version FROM rm_wallets WHERE user_id = 'w'") == 3
+    with pytest.raises(WalletIncomplete):
+        await get_wallet(pool, "w")
+
+    await projected(pool)
+    wallet = await get_wallet(pool, "w")
+    assert (wallet.version, wallet.balances[0].balance) == (3, 320)
