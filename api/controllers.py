@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Final, TypeVar
 
 import asyncpg
@@ -263,7 +263,7 @@ class WalletController(Controller):
                 raise InvalidRequest(str(exc)) from None
             return Response(await wallet_as_of(pool, user_id, moment))
         await _wait(state, ("wallets",), consistent_with)
-        wallet = await _complete_wallet(state, pool, user_id)
+        wallet = await _complete(state, lambda: queries.get_wallet(pool, user_id))
         return Response(wallet, headers={"ETag": f'"{wallet.version}"'})
 
     @post(
@@ -341,22 +341,25 @@ class WalletController(Controller):
         # The history lives in `history`; whether the wallet exists is read from `wallets`.
         await _wait(state, ("history", "wallets"), consistent_with)
         try:
-            return await queries.wallet_history(pool, user_id, asset=asset, limit=limit, cursor=cursor)
+            queries.decode_cursor(cursor)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
+        return await _complete(
+            state, lambda: queries.wallet_history(pool, user_id, asset=asset, limit=limit, cursor=cursor)
+        )
 
 
-async def _complete_wallet(state: State, pool: asyncpg.Pool, user_id: str) -> Wallet:
-    """The wallet once its read model holds every version up to the one it shows (a gap lasts one
-    projection batch); ProjectionTimeout after the consistency timeout."""
+async def _complete(state: State, read: Callable[[], Awaitable[T]]) -> T:
+    """The read once the wallet's read model holds every version up to the newest it shows (a gap
+    lasts one projection batch); ProjectionTimeout after the consistency timeout."""
     settings: Settings = state.settings
     deadline = asyncio.get_running_loop().time() + settings.consistency_timeout
     while True:
         try:
-            return await queries.get_wallet(pool, user_id)
-        except queries.WalletIncomplete:
+            return await read()
+        except queries.WalletIncomplete as exc:
             if asyncio.get_running_loop().time() > deadline:
-                raise ProjectionTimeout(f"the read model of wallet {user_id} is catching up") from None
+                raise ProjectionTimeout(f"the read model of wallet {exc} is catching up") from None
             await asyncio.sleep(0.01)
 
 

@@ -57,6 +57,14 @@ SELECT {_TRANSACTION_COLUMNS}
  LIMIT $4
 """
 _TRANSACTION = f"SELECT {_TRANSACTION_COLUMNS} FROM rm_transactions WHERE transaction_id = $1"
+# A history page is complete when every version in the span it covers is there (versions are
+# gapless; version 1 is the wallet's opening, not a transaction). $3 NULL: up to the newest.
+_SPAN = """
+SELECT least($3::bigint, max(wallet_version)) AS high,
+       count(*) FILTER (WHERE wallet_version >= $2 AND ($3::bigint IS NULL OR wallet_version <= $3))
+           AS present
+  FROM rm_transactions WHERE user_id = $1
+"""
 _SYSTEM_BALANCES = """
 SELECT asset,
        coalesce(sum(balance) FILTER (WHERE account = 'treasury'), 0)::text AS treasury,
@@ -136,6 +144,13 @@ async def wallet_history(
     rows = await pool.fetch(_HISTORY, user_id, asset, below, limit + 1)
     if not rows and await pool.fetchval(_WALLET_EXISTS, user_id) is None:
         raise WalletNotFound(f"no wallet for user {user_id}")
+    # Like a wallet (see WalletIncomplete), a wallet's history can be applied out of version order
+    # for one batch: a page must not show version N while it lacks a lower one in its span.
+    low = rows[limit - 1]["wallet_version"] if len(rows) > limit else 2
+    span = await pool.fetchrow(_SPAN, user_id, low, None if cursor is None else below - 1)
+    assert span is not None
+    if span["high"] is not None and span["present"] != span["high"] - low + 1:
+        raise WalletIncomplete(user_id)
     items = [_transaction(r) for r in rows[:limit]]
     next_cursor = encode_cursor(items[-1].wallet_version) if len(rows) > limit else None
     return TransactionPage(items=items, next_cursor=next_cursor)

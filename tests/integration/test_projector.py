@@ -7,7 +7,7 @@ import pytest
 
 from commands import EventStore
 from projections.projector import project_batch
-from projections.queries import WalletIncomplete, get_wallet
+from projections.queries import WalletIncomplete, get_wallet, wallet_history
 from tests.helpers import ctx, define_asset, open_wallet, projected
 
 _POST = """SELECT status FROM tally_post_transaction(
@@ -129,3 +129,41 @@ async def test_a_wallet_is_never_served_with_a_version_gap(pool: asyncpg.Pool, s
     await projected(pool)
     wallet = await get_wallet(pool, "w")
     assert (wallet.version, wallet.balances[0].balance) == (3, 320)
+
+
+async def test_a_history_page_is_never_served_with_a_version_gap(
+    pool: asyncpg.Pool, store: EventStore
+) -> None:
+    """The same out-of-order case for the history: version 3 applied before version 2."""
+    await define_asset(store)
+    await open_wallet(store, "w")
+    await open_wallet(store, "x")
+    await projected(pool)
+    early = await pool.acquire()
+    late = await pool.acquire()
+    try:
+        early_tx = await _begin_top_up(early, "x", 1)
+        late_tx = await _begin_top_up(late, "w", 20)
+        await late_tx.commit()
+        c = ctx()
+        assert await early.fetchval(_POST, c.command_id, c.fingerprint, "w", 300) == 201
+        await early_tx.commit()
+    finally:
+        await pool.release(early)
+        await pool.release(late)
+
+    applied, _ = await project_batch(pool, "history", 2)
+    assert applied == 2
+    assert await pool.fetchval(
+        "SELECT array_agg(wallet_version) FROM rm_transactions WHERE user_id = 'w'"
+    ) == [3]
+    with pytest.raises(WalletIncomplete):
+        await wallet_history(pool, "w", asset=None, limit=10, cursor=None)
+    with pytest.raises(WalletIncomplete):
+        await wallet_history(pool, "w", asset="GOLD", limit=1, cursor="v4")
+
+    await projected(pool)
+    page = await wallet_history(pool, "w", asset=None, limit=10, cursor=None)
+    assert [t.wallet_version for t in page.items] == [3, 2]
+    beyond = await wallet_history(pool, "w", asset=None, limit=10, cursor="v99")  # a cursor from nowhere
+    assert [t.wallet_version for t in beyond.items] == [3, 2]
