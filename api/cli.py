@@ -31,10 +31,22 @@ log = logging.getLogger("tally")
 async def _migrate(url: str) -> None:
     conn = await asyncpg.connect(url)
     try:
-        applied = await migrate(conn)
+        done = await migrate(conn)
     finally:
         await conn.close()
-    print(f"migrations: {len(applied)} applied" + (f" ({', '.join(applied)})" if applied else ", up to date"))
+    if done.nothing:
+        print("migrations: up to date")
+        return
+    print(
+        f"migrations: {len(done.migrations)} applied"
+        + (f" ({', '.join(done.migrations)})" * bool(done.migrations))
+    )
+    print(
+        f"definitions: {len(done.definitions)} changed"
+        + (f" ({', '.join(done.definitions)})" * bool(done.definitions))
+    )
+    if done.flows:
+        print(f"flows: {', '.join(done.flows)} added")
 
 
 async def _seed(url: str, settings: Settings) -> None:

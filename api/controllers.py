@@ -13,31 +13,18 @@ import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency
+from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import (
-    FromPath,
-    HeaderParameter,
-    JSONBody,
-    PathParameter,
-    QueryParameter,
-)
+from litestar.params import FromPath, HeaderParameter, JSONBody, PathParameter, QueryParameter
 
-from api.dto import DefineAssetRequest, MoveCreditsRequest, OpenWalletRequest, Problem
-from api.errors import IdempotencyKeyMissing, InvalidRequest, decode_strict
+from api.dto import DefineAssetRequest, MoveCreditsRequest, OpenWalletRequest, Problem, StrictBody
+from api.errors import IdempotencyKeyMissing, InvalidRequest
 from api.observability import COMMANDS, REQUEST_ID
 from api.settings import Settings
-from commands import (
-    Accepted,
-    CommandContext,
-    EventStore,
-    IdempotencyKeyReused,
-    handle_define_asset,
-    handle_grant_bonus,
-    handle_open_wallet,
-    handle_spend_credits,
-    handle_top_up_credits,
-)
+from commands import CommandContext, EventStore, handle
 from domain import (
+    FLOWS_BY_KIND,
+    Command,
     DefineAsset,
     DomainError,
     GrantBonus,
@@ -45,8 +32,10 @@ from domain import (
     OpenWallet,
     SpendCredits,
     TopUpCredits,
+    TransactionCommand,
+    kind_of,
 )
-from domain.model import ASSET_CODE_PATTERN, USER_ID_PATTERN
+from domain.values import ASSET_CODE_PATTERN, USER_ID_PATTERN
 from projections import queries
 from projections.as_of import Moment, WalletAsOf, wallet_as_of
 from projections.positions import Position
@@ -103,22 +92,23 @@ def _problems(*statuses: int) -> dict[int, ResponseSpec]:
     }
 
 
-async def _command_context(
+def _command_context(
     request: Request[Any, Any, Any],
     key: str | None,
-    canonical_body: bytes,
+    body: msgspec.Struct,
     expected_version: int | None = None,
 ) -> CommandContext:
     """The idempotency record's identity: the key, and a fingerprint of method, path, the canonical
-    body and the expected version (a retry must be the same request to replay; `"3"` and `3` in
-    If-Match are the same precondition)."""
+    body (the decoded body encoded again: field order and defaults fixed) and the expected version
+    (a retry must be the same request to replay; `"3"` and `3` in If-Match are the same
+    precondition)."""
     if key is None:
         raise IdempotencyKeyMissing("every POST needs an Idempotency-Key header")
     if not _IDEMPOTENCY_KEY.fullmatch(key):
         raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters")
     precondition = "" if expected_version is None else str(expected_version)
     fingerprint = CommandContext.fingerprint_of(
-        request.method, request.url.path, canonical_body, precondition
+        request.method, request.url.path, msgspec.json.encode(body), precondition
     )
     metadata = {"path": request.url.path}
     if request_id := REQUEST_ID.get():
@@ -148,11 +138,11 @@ def _record(kind: str, ctx: CommandContext, outcome: str, **fields: str | None) 
 
 
 async def _command(
-    kind: str, ctx: CommandContext, pending: Awaitable[Accepted], type_: type[T]
+    kind: str, store: EventStore, command: Command, ctx: CommandContext, type_: type[T]
 ) -> Response[T]:
-    """Run a command handler; count its outcome and log it with its key and transaction id."""
+    """Run the command's handler; count its outcome and log it with its key and transaction id."""
     try:
-        accepted = await pending
+        accepted = await handle(store, command, ctx)
     except DomainError as exc:
         if exc.replayed:
             _record(kind, ctx, "replayed", code=exc.code)
@@ -163,9 +153,6 @@ async def _command(
                 "insufficient_funds" if isinstance(exc, InsufficientFunds) else "rejected",
                 code=exc.code,
             )
-        raise
-    except IdempotencyKeyReused:
-        _record(kind, ctx, "rejected", code=IdempotencyKeyReused.code)
         raise
     result = msgspec.json.decode(accepted.body, type=type_)
     _record(
@@ -199,7 +186,13 @@ class AssetController(Controller):
     path = "/v1/assets"
     tags = ["assets"]
 
-    @post(status_code=201, summary="Define an asset", responses=_problems(400, 409, 422))
+    @post(
+        status_code=201,
+        summary="Define an asset",
+        responses=_problems(400, 409, 422),
+        dto=StrictBody[DefineAssetRequest],
+        return_dto=None,
+    )
     async def define_asset(
         self,
         request: Request[Any, Any, Any],
@@ -207,10 +200,9 @@ class AssetController(Controller):
         store: Store,
         idempotency_key: IdempotencyKey = None,
     ) -> Response[Asset]:
-        body = decode_strict(await request.body(), DefineAssetRequest)
-        ctx = await _command_context(request, idempotency_key, msgspec.json.encode(body))
-        command = DefineAsset(code=body.code, name=body.name, decimals=body.decimals)
-        return await _command("define_asset", ctx, handle_define_asset(store, command, ctx), Asset)
+        ctx = _command_context(request, idempotency_key, data)
+        command = DefineAsset(code=data.code, name=data.name, decimals=data.decimals)
+        return await _command("define_asset", store, command, ctx, Asset)
 
     @get(summary="List assets", responses=_problems(400, 503))
     async def list_assets(
@@ -220,11 +212,52 @@ class AssetController(Controller):
         return await queries.list_assets(pool)
 
 
+def _transaction_route(
+    command_type: type[TransactionCommand], segment: str, summary: str
+) -> HTTPRouteHandler:
+    """POST /v1/wallets/{user_id}/<segment>: one implementation for every flow, each with its own
+    OpenAPI operation (named after its command, as Litestar named the hand-written ones)."""
+    flow = FLOWS_BY_KIND[kind_of(command_type)]
+    # Only a flow that takes credits from the user can be refused for want of them.
+    statuses = (400, 404, 409, 412, 422) if flow.user_sign < 0 else (400, 404, 412, 422)
+
+    async def post_transaction(
+        self: Controller,
+        request: Request[Any, Any, Any],
+        user_id: UserIdPath,
+        data: JSONBody[MoveCreditsRequest],
+        store: Store,
+        idempotency_key: IdempotencyKey = None,
+        if_match: IfMatch = None,
+    ) -> Response[Transaction]:
+        version = _expected_version(if_match)
+        ctx = _command_context(request, idempotency_key, data, version)
+        command = command_type(user_id=user_id, expected_version=version, **msgspec.structs.asdict(data))
+        return await _command(flow.kind, store, command, ctx, Transaction)
+
+    segment_id = "".join(part.title() for part in segment.split("-"))
+    return post(
+        f"/{{user_id:str}}/{segment}",
+        status_code=201,
+        summary=summary,
+        responses=_problems(*statuses),
+        operation_id=f"V1WalletsUserId{segment_id}{command_type.__name__}",
+        dto=StrictBody[MoveCreditsRequest],
+        return_dto=None,
+    )(post_transaction)
+
+
 class WalletController(Controller):
     path = "/v1/wallets"
     tags = ["wallets"]
 
-    @post(status_code=201, summary="Open a wallet", responses=_problems(400, 409, 422))
+    @post(
+        status_code=201,
+        summary="Open a wallet",
+        responses=_problems(400, 409, 422),
+        dto=StrictBody[OpenWalletRequest],
+        return_dto=None,
+    )
     async def open_wallet(
         self,
         request: Request[Any, Any, Any],
@@ -232,10 +265,9 @@ class WalletController(Controller):
         store: Store,
         idempotency_key: IdempotencyKey = None,
     ) -> Response[Wallet]:
-        body = decode_strict(await request.body(), OpenWalletRequest)
-        ctx = await _command_context(request, idempotency_key, msgspec.json.encode(body))
-        command = OpenWallet(user_id=body.user_id, metadata=body.metadata)
-        return await _command("open_wallet", ctx, handle_open_wallet(store, command, ctx), Wallet)
+        ctx = _command_context(request, idempotency_key, data)
+        command = OpenWallet(user_id=data.user_id, metadata=data.metadata)
+        return await _command("open_wallet", store, command, ctx, Wallet)
 
     @get(
         "/{user_id:str}",
@@ -266,62 +298,9 @@ class WalletController(Controller):
         wallet = await _complete(state, lambda: queries.get_wallet(pool, user_id))
         return Response(wallet, headers={"ETag": f'"{wallet.version}"'})
 
-    @post(
-        "/{user_id:str}/top-ups",
-        status_code=201,
-        summary="Top up (treasury to user)",
-        responses=_problems(400, 404, 412, 422),
-    )
-    async def top_up_credits(
-        self,
-        request: Request[Any, Any, Any],
-        user_id: UserIdPath,
-        data: JSONBody[MoveCreditsRequest],
-        store: Store,
-        idempotency_key: IdempotencyKey = None,
-        if_match: IfMatch = None,
-    ) -> Response[Transaction]:
-        body, ctx, version = await _move_credits(request, idempotency_key, if_match)
-        command = TopUpCredits(user_id=user_id, expected_version=version, **msgspec.structs.asdict(body))
-        return await _command("top_up", ctx, handle_top_up_credits(store, command, ctx), Transaction)
-
-    @post(
-        "/{user_id:str}/bonuses",
-        status_code=201,
-        summary="Grant a bonus (bonus pool to user)",
-        responses=_problems(400, 404, 412, 422),
-    )
-    async def grant_bonus(
-        self,
-        request: Request[Any, Any, Any],
-        user_id: UserIdPath,
-        data: JSONBody[MoveCreditsRequest],
-        store: Store,
-        idempotency_key: IdempotencyKey = None,
-        if_match: IfMatch = None,
-    ) -> Response[Transaction]:
-        body, ctx, version = await _move_credits(request, idempotency_key, if_match)
-        command = GrantBonus(user_id=user_id, expected_version=version, **msgspec.structs.asdict(body))
-        return await _command("bonus", ctx, handle_grant_bonus(store, command, ctx), Transaction)
-
-    @post(
-        "/{user_id:str}/spends",
-        status_code=201,
-        summary="Spend (user to revenue)",
-        responses=_problems(400, 404, 409, 412, 422),
-    )
-    async def spend_credits(
-        self,
-        request: Request[Any, Any, Any],
-        user_id: UserIdPath,
-        data: JSONBody[MoveCreditsRequest],
-        store: Store,
-        idempotency_key: IdempotencyKey = None,
-        if_match: IfMatch = None,
-    ) -> Response[Transaction]:
-        body, ctx, version = await _move_credits(request, idempotency_key, if_match)
-        command = SpendCredits(user_id=user_id, expected_version=version, **msgspec.structs.asdict(body))
-        return await _command("spend", ctx, handle_spend_credits(store, command, ctx), Transaction)
+    top_up_credits = _transaction_route(TopUpCredits, "top-ups", "Top up (treasury to user)")
+    grant_bonus = _transaction_route(GrantBonus, "bonuses", "Grant a bonus (bonus pool to user)")
+    spend_credits = _transaction_route(SpendCredits, "spends", "Spend (user to revenue)")
 
     @get(
         "/{user_id:str}/transactions",
@@ -338,8 +317,7 @@ class WalletController(Controller):
         cursor: Annotated[str | None, QueryParameter(description="next_cursor of the previous page")] = None,
         consistent_with: ConsistentWith = None,
     ) -> TransactionPage:
-        # The history lives in `history`; whether the wallet exists is read from `wallets`.
-        await _wait(state, ("history", "wallets"), consistent_with)
+        await _wait(state, ("history",), consistent_with)
         try:
             queries.decode_cursor(cursor)
         except ValueError as exc:
@@ -361,15 +339,6 @@ async def _complete(state: State, read: Callable[[], Awaitable[T]]) -> T:
             if asyncio.get_running_loop().time() > deadline:
                 raise ProjectionTimeout(f"the read model of wallet {exc} is catching up") from None
             await asyncio.sleep(0.01)
-
-
-async def _move_credits(
-    request: Request[Any, Any, Any], key: str | None, if_match: str | None
-) -> tuple[MoveCreditsRequest, CommandContext, int | None]:
-    body = decode_strict(await request.body(), MoveCreditsRequest)
-    version = _expected_version(if_match)
-    ctx = await _command_context(request, key, msgspec.json.encode(body), version)
-    return body, ctx, version
 
 
 class TransactionController(Controller):

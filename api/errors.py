@@ -1,4 +1,7 @@
-"""Every error the API returns, mapped to RFC 9457 problem+json in this one place."""
+"""Every error the API returns, mapped to RFC 9457 problem+json in this one place.
+
+The write side stores and returns domain outcomes (``insufficient_funds``, ``version_mismatch``, …);
+``STATUS_BY_CODE`` is the only place that gives them HTTP statuses."""
 
 from __future__ import annotations
 
@@ -11,8 +14,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.plugins.problem_details import ProblemDetailsException
 from litestar.types import ExceptionHandlersMap
 
-from commands import IdempotencyKeyReused
-from domain.errors import DomainError
+from domain import DomainError
 from projections.queries import TransactionNotFound
 from projections.watcher import ProjectionTimeout
 
@@ -107,7 +109,6 @@ def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
 
 EXCEPTION_HANDLERS: Final[ExceptionHandlersMap] = {
     DomainError: _domain_error,
-    IdempotencyKeyReused: _coded,
     IdempotencyKeyMissing: _coded,
     InvalidRequest: _coded,
     TransactionNotFound: _coded,

@@ -1,24 +1,55 @@
-"""Applies ``migrations/NNNN_name.sql`` in order, each once, under an advisory lock.
+"""``tally migrate``: brings a database to this release, atomically, under an advisory lock.
 
-Each file runs in its own transaction with its row in ``schema_migrations``; a file already applied
-whose checksum changed is refused: history, including the schema's, is not rewritten.
+Three kinds of source, applied in this order in **one transaction** (a failure changes nothing):
+
+1. **Numbered migrations**, ``migrations/NNNN_name.sql``: schema and data changes, each applied
+   once, in order, recorded in ``schema_migrations`` with its checksum. An applied file whose
+   checksum changed is refused: history, including the schema's, is not rewritten.
+   ``0005_baseline.sql`` is the schema that the first five files built (their functions aside). A
+   database that applied those five files is recognised by their recorded checksums (``HISTORY``)
+   and is already at the baseline; a new one gets the baseline.
+2. **Definitions**: every function, trigger function, trigger and type, one source file each,
+   beside the Python that calls it (``commands/sql/*.sql``, ``projections/sql/*.sql``). They are
+   repeatable (``CREATE OR REPLACE``), recorded in ``schema_definitions`` with their checksums, and
+   applied, all of them, whenever any of them changed or a numbered migration ran. A function
+   whose signature changes, or that goes away, is dropped by a numbered migration (as 0006 does).
+3. **Flows** (domain/flows.py), written into ``flows``. A flow already there must be unchanged:
+   stored transactions were checked against it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import logging
 import os
 import re
 from pathlib import Path
+from typing import Final
 
 import asyncpg
+import msgspec
+
+from domain import FLOWS
 
 log = logging.getLogger("tally.migrate")
 
 # Any constant works; it only has to be the same in every process that migrates.
-MIGRATION_LOCK_KEY = 0x7A11_0001
-_FILE_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+MIGRATION_LOCK_KEY: Final = 0x7A11_0001
+_FILE_NAME: Final = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+# The files 0005_baseline.sql replaces, as databases recorded them (name, sha-256 of the file).
+# Copies of them: tests/data/historic/migrations (tests/integration/test_migrate_forward.py).
+BASELINE: Final = "0005_baseline.sql"
+HISTORY: Final = {
+    1: ("0001_event_store.sql", "00709b45f1bdc0a2f77c9cd1d1c2f4d5ec4de6d5b6dca2c597944c46f9066d3f"),
+    2: ("0002_read_models.sql", "c204d605fac1c43f22d4e5e802b20d76de81b4abbd8b6dc317573face597fdb7"),
+    3: ("0003_projection_operations.sql", "074d11dca78d8b06d83c22a031b497ea9dc12d2f63049ff83c76e6d62cd449fd"),
+    4: ("0004_group_commit.sql", "2d62d5ce1e05ccaf315b2b3325139e90ddf6ae0b8dee9b8027cb2d885020663b"),
+    5: ("0005_wallet_completeness.sql", "b1694edf01aa314d650c7523532593ca39ebd521efab772f5c3c69e20ec486b0"),
+}
+# The packages whose ``sql/`` folders hold the definitions, in the order they are applied.
+DEFINITION_PACKAGES: Final = ("commands", "projections")
 
 _CREATE_LEDGER = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -26,14 +57,38 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
     name       text NOT NULL,
     checksum   text NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS schema_definitions (
+    name       text PRIMARY KEY,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
 )
 """
 _APPLIED = "SELECT version, name, checksum FROM schema_migrations ORDER BY version"
 _RECORD = "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)"
+_DEFINED = "SELECT name, checksum FROM schema_definitions"
+_FORGET_DEFINITIONS = "DELETE FROM schema_definitions"
+_RECORD_DEFINITIONS = (
+    "INSERT INTO schema_definitions (name, checksum) SELECT * FROM unnest($1::text[], $2::text[])"
+)
+_FLOWS = "SELECT kind, event_type, system_account, user_sign FROM flows ORDER BY kind"
+_ADD_FLOW = "INSERT INTO flows (kind, event_type, system_account, user_sign) VALUES ($1, $2, $3, $4)"
 
 
 class MigrationError(RuntimeError):
     pass
+
+
+class Migrated(msgspec.Struct, frozen=True, kw_only=True):
+    """What one ``migrate`` call applied: numbered files, definition files, new flows."""
+
+    migrations: list[str]
+    definitions: list[str]
+    flows: list[str]
+
+    @property
+    def nothing(self) -> bool:
+        return not (self.migrations or self.definitions or self.flows)
 
 
 def migrations_dir() -> Path:
@@ -56,31 +111,100 @@ def discover(directory: Path) -> list[tuple[int, str, str]]:
     return found
 
 
+def definitions() -> list[tuple[str, str]]:
+    """(name, sql) of every definition file, in the order they are applied: package by package,
+    file name order within one (``check_function_bodies`` is off while they are applied, so
+    functions may refer to functions defined later)."""
+    found = []
+    for package in DEFINITION_PACKAGES:
+        folder = importlib.resources.files(package).joinpath("sql")
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+            if entry.name.endswith(".sql"):
+                found.append((f"{package}/sql/{entry.name}", entry.read_text(encoding="utf-8")))
+    return found
+
+
 def checksum(sql: str) -> str:
     return hashlib.sha256(sql.encode()).hexdigest()
 
 
-async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> list[str]:
-    """Apply the pending migrations; returns the names applied by this call."""
-    files = discover(directory or migrations_dir())
-    applied_now: list[str] = []
+def _at_baseline(applied: dict[int, tuple[str, str]], version: int) -> bool:
+    """True when the database applied exactly the files the baseline replaces; MigrationError when
+    it applied only some of them (it must first be migrated by a release that still has them)."""
+    historic = {v: recorded for v, recorded in applied.items() if v <= version}
+    if historic == HISTORY:
+        return True
+    if historic:
+        raise MigrationError(
+            f"this database stopped part-way through the migrations {BASELINE} replaces "
+            f"(it recorded {sorted(historic)}): migrate it with a release from before the baseline first"
+        )
+    return False
+
+
+async def _numbered(conn: asyncpg.Connection, directory: Path) -> list[str]:
+    applied = {r["version"]: (r["name"], r["checksum"]) for r in await conn.fetch(_APPLIED)}
+    applied_now = []
+    for version, name, sql in discover(directory):
+        if version in applied and applied[version] == (name, checksum(sql)):
+            continue
+        if name == BASELINE and _at_baseline(applied, version):
+            continue
+        if version in applied:
+            raise MigrationError(
+                f"{name} was edited after it was applied (recorded as {applied[version][0]} "
+                f"with checksum {applied[version][1][:12]}…); add a new migration instead"
+            )
+        await conn.execute(sql)
+        await conn.execute(_RECORD, version, name, checksum(sql))
+        log.info("applied %s", name)
+        applied_now.append(name)
+    return applied_now
+
+
+async def _definitions(conn: asyncpg.Connection, force: bool) -> list[str]:
+    files = definitions()
+    recorded = {r["name"]: r["checksum"] for r in await conn.fetch(_DEFINED)}
+    if not force and recorded == {name: checksum(sql) for name, sql in files}:
+        return []
+    await conn.execute("SET LOCAL check_function_bodies = off")
+    for name, sql in files:
+        try:
+            await conn.execute(sql)
+        except asyncpg.PostgresError as exc:
+            raise MigrationError(f"{name}: {exc}") from exc
+    await conn.execute(_FORGET_DEFINITIONS)
+    await conn.execute(_RECORD_DEFINITIONS, [n for n, _ in files], [checksum(s) for _, s in files])
+    changed = [name for name, sql in files if recorded.get(name) != checksum(sql)]
+    log.info("applied %d definitions (%d changed)", len(files), len(changed))
+    return changed
+
+
+async def _flows(conn: asyncpg.Connection) -> list[str]:
+    stored = {r["kind"]: tuple(r) for r in await conn.fetch(_FLOWS)}
+    wanted = {f.kind: (f.kind, f.event_type, str(f.system_account), f.user_sign) for f in FLOWS}
+    changed = sorted(k for k in stored.keys() & wanted.keys() if stored[k] != wanted[k])
+    missing = sorted(stored.keys() - wanted.keys())
+    if changed or missing:
+        raise MigrationError(
+            f"flows {changed + missing} differ between the database and domain/flows.py; a written flow "
+            "never changes (stored transactions were checked against it): add a new kind instead"
+        )
+    added = sorted(wanted.keys() - stored.keys())
+    for kind in added:
+        await conn.execute(_ADD_FLOW, *wanted[kind])
+    return added
+
+
+async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> Migrated:
+    """Apply what is pending: numbered migrations, definitions, flows; all or nothing."""
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
     try:
-        await conn.execute(_CREATE_LEDGER)
-        applied = {r["version"]: (r["name"], r["checksum"]) for r in await conn.fetch(_APPLIED)}
-        for version, name, sql in files:
-            if version in applied:
-                if applied[version] != (name, checksum(sql)):
-                    raise MigrationError(
-                        f"{name} was edited after it was applied (recorded as {applied[version][0]} "
-                        f"with checksum {applied[version][1][:12]}…); add a new migration instead"
-                    )
-                continue
-            async with conn.transaction():
-                await conn.execute(sql)
-                await conn.execute(_RECORD, version, name, checksum(sql))
-            log.info("applied %s", name)
-            applied_now.append(name)
+        async with conn.transaction():
+            await conn.execute(_CREATE_LEDGER)
+            applied = await _numbered(conn, directory or migrations_dir())
+            defined = await _definitions(conn, force=bool(applied))
+            flows = await _flows(conn)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
-    return applied_now
+    return Migrated(migrations=applied, definitions=defined, flows=flows)

@@ -6,11 +6,12 @@ embedded PostgreSQL under ``.data/bench-pg``, separate from the demo's ``.data/p
 ``.data/test-pg``; with ``DATABASE_URL`` set, ``tally_bench`` is created on that server.
 
 The wallets are opened and topped up with the event store's own SQL functions (the ones every
-command goes through), set-based: a statement calls ``tally_open_wallet`` or
-``tally_post_transaction`` once per wallet of a chunk, so setting up 10,000 wallets takes seconds,
-not the 20,000 HTTP round trips it would take through the API. The rows written are exactly those
-the API would write (same functions, same transaction plans from ``domain``), and the projector's
-backlog is applied before the server starts, so the first scenario is not competing with it.
+command goes through), set-based: a statement calls ``tally_open_wallet`` once per wallet of a
+chunk, and ``tally_post_transactions`` takes a chunk's top-ups as one batch, so setting up 10,000
+wallets takes seconds, not the 20,000 HTTP round trips it would take through the API. The rows
+written are exactly those the API would write (same functions, same command records), and the
+projector's backlog is applied before the server starts, so the first scenario is not competing
+with it.
 """
 
 from __future__ import annotations
@@ -31,9 +32,8 @@ import msgspec
 
 from api.database import embedded_server
 from api.migrate import migrate
-from commands import CommandContext, EventStore
-from domain import TopUpCredits, plan_transaction
-from domain.model import MAX_AMOUNT
+from commands import CommandContext, CommandRecord, EventStore
+from domain import MAX_AMOUNT, DefineAsset, OpenWallet, TopUpCredits
 from projections.projector import catch_up
 
 log = logging.getLogger("bench")
@@ -44,21 +44,13 @@ TOP_UP_AMOUNT = MAX_AMOUNT  # one top-up per wallet; a spend of 1 never runs a w
 SETUP_CHUNK = 1000
 
 _OPEN_WALLETS = """
-SELECT count(*) FILTER (WHERE o.status = 201)::int
-  FROM unnest($1::text[], $2::bytea[]) AS u(user_id, fingerprint),
-       LATERAL tally_open_wallet('bench-open-' || u.user_id, u.fingerprint, $3::jsonb,
-                                 gen_random_uuid(), u.user_id, '{}'::jsonb) AS o
+SELECT count(*) FILTER (WHERE o.outcome = 'accepted')::int
+  FROM jsonb_array_elements($1::jsonb) AS a(record), LATERAL tally_open_wallet(a.record) AS o
 """
-_TOP_UP_WALLETS = """
-SELECT count(*) FILTER (WHERE o.status = 201)::int
-  FROM unnest($1::text[], $2::bytea[], $3::text[]) AS u(user_id, fingerprint, entries),
-       LATERAL tally_post_transaction('bench-top-up-' || u.user_id, u.fingerprint, $4::jsonb,
-                                      gen_random_uuid(), $5, $6, u.user_id, $7, $8, $9,
-                                      u.entries::jsonb, NULL, '{}'::jsonb, NULL) AS o
-"""
-_LAST_EVENT = (
-    "SELECT transaction_id::text::bigint, global_position FROM events ORDER BY 1 DESC, 2 DESC LIMIT 1"
+_TOP_UP_WALLETS = (
+    "SELECT count(*) FILTER (WHERE outcome = 'accepted')::int FROM tally_post_transactions($1::jsonb)"
 )
+_LAST_EVENT = "SELECT writer_xid::text::bigint, global_position FROM events ORDER BY 1 DESC, 2 DESC LIMIT 1"
 _CHECKPOINTS = "SELECT last_xid::text::bigint, last_position FROM projection_checkpoints"
 
 
@@ -140,7 +132,9 @@ async def populate(url: str, user_ids: Sequence[str], *, parallel: int = 2) -> d
     try:
         started = time.perf_counter()
         ctx = CommandContext(command_id=f"bench-asset-{uuid.uuid4().hex}", fingerprint=b"bench")
-        await EventStore(pool).define_asset(ctx, code=ASSET, name="Gold coins (benchmark)", decimals=0)
+        await EventStore(pool).define_asset(
+            ctx, DefineAsset(code=ASSET, name="Gold coins (benchmark)", decimals=0)
+        )
 
         chunks = [list(user_ids[i : i + SETUP_CHUNK]) for i in range(0, len(user_ids), SETUP_CHUNK)]
         opened = await _run_chunks(pool, parallel, [_open_args(chunk) for chunk in chunks], _OPEN_WALLETS)
@@ -164,22 +158,32 @@ async def populate(url: str, user_ids: Sequence[str], *, parallel: int = 2) -> d
     return timings
 
 
+_SETUP_CONTEXT = {"client": "bench-setup"}
+
+
+def _records(records: list[CommandRecord]) -> tuple[object, ...]:
+    return (msgspec.json.encode(records).decode(),)
+
+
 def _open_args(chunk: list[str]) -> tuple[object, ...]:
-    bodies = (msgspec.json.encode({"user_id": user_id, "metadata": {}}) for user_id in chunk)
-    return chunk, [_fingerprint("/v1/wallets", body) for body in bodies], '{"client": "bench-setup"}'
+    return _records([
+        CommandRecord.of(CommandContext(
+            command_id=f"bench-open-{user_id}", metadata=_SETUP_CONTEXT,
+            fingerprint=_fingerprint("/v1/wallets", msgspec.json.encode(OpenWallet(user_id=user_id))),
+        ), OpenWallet(user_id=user_id))
+        for user_id in chunk
+    ])  # fmt: skip
 
 
 def _top_up_args(chunk: list[str]) -> tuple[object, ...]:
     body = msgspec.json.encode({"asset": ASSET, "amount": TOP_UP_AMOUNT})
-    fingerprints, entries = [], []
-    event_type = kind = ""
-    for user_id in chunk:
-        plan = plan_transaction(TopUpCredits(user_id=user_id, asset=ASSET, amount=TOP_UP_AMOUNT))
-        event_type, kind = plan.event_type.__name__, plan.kind.value
-        fingerprints.append(_fingerprint(f"/v1/wallets/{user_id}/top-ups", body))
-        entries.append(msgspec.json.encode(plan.entries).decode())
-    metadata = '{"client": "bench-setup"}'
-    return chunk, fingerprints, entries, metadata, event_type, kind, ASSET, TOP_UP_AMOUNT, TOP_UP_AMOUNT
+    return _records([
+        CommandRecord.of(CommandContext(
+            command_id=f"bench-top-up-{user_id}", metadata=_SETUP_CONTEXT,
+            fingerprint=_fingerprint(f"/v1/wallets/{user_id}/top-ups", body),
+        ), TopUpCredits(user_id=user_id, asset=ASSET, amount=TOP_UP_AMOUNT))
+        for user_id in chunk
+    ])  # fmt: skip
 
 
 async def _run_chunks(pool: asyncpg.Pool, parallel: int, args: list[tuple[object, ...]], sql: str) -> int:
@@ -226,7 +230,8 @@ async def accepted_commands(url: str, key_prefix: str) -> int:
     conn = await asyncpg.connect(url)
     try:
         count: int = await conn.fetchval(
-            "SELECT count(*) FROM commands WHERE starts_with(command_id, $1) AND status = 201", key_prefix
+            "SELECT count(*) FROM commands WHERE starts_with(command_id, $1) AND outcome = 'accepted'",
+            key_prefix,
         )
     finally:
         await conn.close()

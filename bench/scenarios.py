@@ -15,9 +15,9 @@ Transports:
   running server; success is ``201 Created``.
 * **SQL**, the raw-SQL limit: the same command through ``commands.EventStore.post_transaction``
   (the API's own data-access layer, so the same ``tally_post_transactions`` call with the same
-  arguments the controller would build: the transaction plan from ``domain``, the request
-  fingerprint, a fresh event id) over an asyncpg pool of one connection per client, with no HTTP
-  and no Litestar in between. It is what PostgreSQL and the driver alone sustain at the same
+  command record the controller would build: the domain command, the request fingerprint, its
+  context) over an asyncpg pool of one connection per client, with no HTTP and no Litestar in
+  between. It is what PostgreSQL and the driver alone sustain at the same
   concurrency; HTTP divided by it is the share of that limit the API delivers.
 """
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import msgspec
 
@@ -39,7 +38,7 @@ from bench.load import Failure, LoadResult, Spender, run_load
 from bench.server import HOST
 from bench.sysinfo import CpuSampler
 from commands import CommandContext, EventStore
-from domain import SpendCredits, plan_transaction
+from domain import SpendCredits
 
 SPEND_AMOUNT = 1
 # What a client sends; the API fingerprints its canonical re-encoding (defaults included).
@@ -134,13 +133,9 @@ async def run_http(
 
 @dataclass(frozen=True, slots=True)
 class SpendPlan:
-    """The arguments the spend controller would pass to ``EventStore.post_transaction``."""
+    """What the spend controller would pass to ``EventStore.post_transaction`` for one wallet."""
 
-    user_id: str
-    event_type: str
-    kind: str
-    user_delta: int
-    entries: list[dict[str, Any]]
+    command: SpendCredits
     fingerprint: bytes
     metadata: dict[str, str]
 
@@ -148,15 +143,10 @@ class SpendPlan:
 def spend_plans(user_ids: Sequence[str]) -> list[SpendPlan]:
     plans = []
     for user_id in user_ids:
-        plan = plan_transaction(SpendCredits(user_id=user_id, asset=ASSET, amount=SPEND_AMOUNT))
         path = f"/v1/wallets/{user_id}/spends"
         plans.append(
             SpendPlan(
-                user_id=user_id,
-                event_type=plan.event_type.__name__,
-                kind=plan.kind.value,
-                user_delta=plan.user_delta,
-                entries=msgspec.to_builtins(plan.entries),
+                command=SpendCredits(user_id=user_id, asset=ASSET, amount=SPEND_AMOUNT),
                 fingerprint=CommandContext.fingerprint_of("POST", path, CANONICAL_SPEND_BODY, ""),
                 metadata={"path": path},
             )
@@ -182,11 +172,7 @@ class SqlSpender:
         ctx = CommandContext(
             command_id=f"{self._key_prefix}{self._seq}", fingerprint=plan.fingerprint, metadata=plan.metadata
         )
-        accepted = await self._store.post_transaction(
-            ctx, event_type=plan.event_type, kind=plan.kind, user_id=plan.user_id, asset=ASSET,
-            amount=SPEND_AMOUNT, user_delta=plan.user_delta, entries=plan.entries, reference=None,
-            metadata={}, expected_version=None,
-        )  # fmt: skip
+        accepted = await self._store.post_transaction(ctx, plan.command)
         if accepted.replayed:
             return "replayed", ctx.command_id
         return None

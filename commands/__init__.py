@@ -1,7 +1,10 @@
-"""The write side: command handlers over the PostgreSQL event store. Knows nothing of HTTP."""
+"""The write side: command handlers over the PostgreSQL event store (its functions: commands/sql).
+Knows nothing of HTTP."""
 
-from commands.event_store import Accepted, CommandContext, EventStore, IdempotencyKeyReused
+from commands.event_store import Accepted, CommandContext, CommandRecord, EventStore
 from commands.handlers import (
+    COMMAND_HANDLERS,
+    handle,
     handle_define_asset,
     handle_grant_bonus,
     handle_open_wallet,
@@ -10,10 +13,12 @@ from commands.handlers import (
 )
 
 __all__ = [
+    "COMMAND_HANDLERS",
     "Accepted",
     "CommandContext",
+    "CommandRecord",
     "EventStore",
-    "IdempotencyKeyReused",
+    "handle",
     "handle_define_asset",
     "handle_grant_bonus",
     "handle_open_wallet",

@@ -1,9 +1,14 @@
-"""Access to the event store's command functions (migrations/0001_event_store.sql, 0004).
+"""The write side's handle on PostgreSQL: one SQL function call per command (commands/sql).
 
-Each command runs inside one SQL function call: one round trip, in its own implicit transaction,
-that claims the Idempotency-Key, locks the one stream it must check, decides, appends and records
-the outcome. The wallet's row lock is held only while PostgreSQL runs that function, never across
-a network round trip or the Python event loop (see README, "Concurrency").
+Each call claims the Idempotency-Key, locks the one stream it must check, decides, appends and
+records the outcome, in one round trip and one implicit transaction. The wallet's row lock is held
+only while PostgreSQL runs that function, never across a network round trip or the Python event
+loop (see README, "Concurrency").
+
+What crosses to SQL is a ``CommandRecord``: the domain command exactly as the caller asked it, and
+its envelope (the key, the request's fingerprint, its context). The SQL answers with the domain
+outcome (``accepted`` or a rejection's code) and the response body; this module turns a rejection
+into its DomainError. HTTP statuses are chosen in api/errors.py, nowhere else.
 
 Transaction commands are also *group-committed*: while ``max_in_flight`` calls are already running,
 newly arriving commands wait in a queue and the next free call takes all of them (up to
@@ -17,47 +22,30 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
 import msgspec
 
-from domain.errors import ERRORS_BY_CODE, DomainError
+from domain import ACCEPTED, REJECTIONS, DefineAsset, OpenWallet, TransactionCommand
 
 log = logging.getLogger("tally.event_store")
 
-_DEFINE_ASSET = "SELECT status, body, replayed FROM tally_define_asset($1, $2, $3::jsonb, $4, $5, $6, $7)"
-_OPEN_WALLET = "SELECT status, body, replayed FROM tally_open_wallet($1, $2, $3::jsonb, $4, $5, $6::jsonb)"
-_POST_TRANSACTIONS = (
-    "SELECT idx, status, body, replayed FROM tally_post_transactions("
-    "$1::text[], $2::bytea[], $3::jsonb[], $4::uuid[], $5::text[], $6::text[], $7::text[], $8::text[],"
-    " $9::bigint[], $10::bigint[], $11::jsonb[], $12::text[], $13::jsonb[], $14::bigint[])"
-)
+_DEFINE_ASSET = "SELECT outcome, body, replayed FROM tally_define_asset($1::jsonb)"
+_OPEN_WALLET = "SELECT outcome, body, replayed FROM tally_open_wallet($1::jsonb)"
+_POST_TRANSACTIONS = "SELECT idx, outcome, body, replayed FROM tally_post_transactions($1::jsonb)"
 
-
-class IdempotencyKeyReused(Exception):
-    """The Idempotency-Key was first used for a different request (method, path, body)."""
-
-    code = "idempotency_key_reused"
-
-
-_Args = tuple[Any, ...]
-_Outcome = tuple[int, str, bool]  # status, body, replayed
+_Outcome = tuple[str, str, bool]  # outcome, body, replayed
 
 
 class CommandContext(msgspec.Struct, frozen=True, kw_only=True):
-    """Who asks and under which Idempotency-Key; ``fingerprint`` identifies the exact request."""
+    """Who asks and under which Idempotency-Key; ``fingerprint`` identifies the exact request, and
+    ``metadata`` (request path and id, client) is stored with the command and its event."""
 
     command_id: str
     fingerprint: bytes
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
-
-    def metadata_json(self) -> str:
-        """The metadata stored with the command and its events: the caller's, plus the command id
-        (so the audit trail leads from every event to the request that caused it)."""
-        return _json({**self.metadata, "command_id": self.command_id})
 
     @staticmethod
     def fingerprint_of(*parts: str | bytes) -> bytes:
@@ -69,6 +57,20 @@ class CommandContext(msgspec.Struct, frozen=True, kw_only=True):
         return digest.digest()
 
 
+class CommandRecord(msgspec.Struct, frozen=True):
+    """One command as the SQL functions read it (by field name): the envelope, and the domain
+    command as the caller asked it (a transaction command carries its ``kind`` tag)."""
+
+    key: str
+    fingerprint: str  # PostgreSQL's hex form of bytea: "\\x…"
+    context: dict[str, str]
+    command: DefineAsset | OpenWallet | TransactionCommand
+
+    @classmethod
+    def of(cls, ctx: CommandContext, command: DefineAsset | OpenWallet | TransactionCommand) -> CommandRecord:
+        return cls(ctx.command_id, "\\x" + ctx.fingerprint.hex(), ctx.metadata, command)
+
+
 class Accepted(msgspec.Struct, frozen=True):
     """A command's stored success body (JSON text) and whether this call replayed it."""
 
@@ -76,13 +78,27 @@ class Accepted(msgspec.Struct, frozen=True):
     replayed: bool
 
 
+_ENCODER = msgspec.json.Encoder()
+
+
 def _json(value: Any) -> str:
-    return msgspec.json.encode(value).decode()
+    return _ENCODER.encode(value).decode()
+
+
+def outcome_of(outcome: str, body: str, replayed: bool) -> Accepted:
+    """The stored outcome as an Accepted, or the rejection it records, raised."""
+    if outcome == ACCEPTED:
+        return Accepted(body=body, replayed=replayed)
+    problem = msgspec.json.decode(body)
+    problem.pop("code", None)
+    error = REJECTIONS[outcome](problem.pop("detail"), **problem)
+    error.replayed = replayed
+    raise error
 
 
 class EventStore:
-    """The write side's handle on PostgreSQL. ``on_append`` is called after every new event commits
-    (the app uses it to wake projectors); it must not block."""
+    """``on_append`` is called after new events commit (the app uses it to wake projectors); it must
+    not block."""
 
     def __init__(
         self,
@@ -96,50 +112,25 @@ class EventStore:
         self._on_append = on_append
         self._max_in_flight = max_in_flight
         self._max_batch = max_batch
-        self._queue: list[tuple[_Args, asyncio.Future[_Outcome]]] = []
+        self._queue: list[tuple[CommandRecord, asyncio.Future[_Outcome]]] = []
         self._in_flight = 0
         self._flushers: set[asyncio.Task[None]] = set()  # references, so tasks are not collected
 
-    async def define_asset(self, ctx: CommandContext, *, code: str, name: str, decimals: int) -> Accepted:
-        return await self._execute(
-            _DEFINE_ASSET, ctx.command_id, ctx.fingerprint, ctx.metadata_json(), uuid.uuid4(),
-            code, name, decimals,
-        )  # fmt: skip
+    async def define_asset(self, ctx: CommandContext, command: DefineAsset) -> Accepted:
+        return await self._execute(_DEFINE_ASSET, CommandRecord.of(ctx, command))
 
-    async def open_wallet(self, ctx: CommandContext, *, user_id: str, metadata: dict[str, str]) -> Accepted:
-        return await self._execute(
-            _OPEN_WALLET, ctx.command_id, ctx.fingerprint, ctx.metadata_json(), uuid.uuid4(),
-            user_id, _json(metadata),
-        )  # fmt: skip
+    async def open_wallet(self, ctx: CommandContext, command: OpenWallet) -> Accepted:
+        return await self._execute(_OPEN_WALLET, CommandRecord.of(ctx, command))
 
-    async def post_transaction(
-        self,
-        ctx: CommandContext,
-        *,
-        event_type: str,
-        kind: str,
-        user_id: str,
-        asset: str,
-        amount: int,
-        user_delta: int,
-        entries: list[dict[str, Any]],
-        reference: str | None,
-        metadata: dict[str, str],
-        expected_version: int | None,
-    ) -> Accepted:
-        args = (
-            ctx.command_id, ctx.fingerprint, ctx.metadata_json(), uuid.uuid4(), event_type, kind,
-            user_id, asset, amount, user_delta, _json(entries), reference, _json(metadata),
-            expected_version,
-        )  # fmt: skip
+    async def post_transaction(self, ctx: CommandContext, command: TransactionCommand) -> Accepted:
         future: asyncio.Future[_Outcome] = asyncio.get_running_loop().create_future()
-        self._queue.append((args, future))
+        self._queue.append((CommandRecord.of(ctx, command), future))
         if self._in_flight < self._max_in_flight:
             self._in_flight += 1
             flusher = asyncio.create_task(self._flush())
             self._flushers.add(flusher)
             flusher.add_done_callback(self._flushers.discard)
-        return self._outcome(*await future)
+        return outcome_of(*await future)
 
     async def _flush(self) -> None:
         """Run batches while commands are queued; at most ``max_in_flight`` of these run at once.
@@ -155,11 +146,9 @@ class EventStore:
         finally:
             self._in_flight -= 1
 
-    async def _run_batch(self, batch: list[tuple[_Args, asyncio.Future[_Outcome]]]) -> None:
+    async def _run_batch(self, batch: Sequence[tuple[CommandRecord, asyncio.Future[_Outcome]]]) -> None:
         try:
-            rows = await self._pool.fetch(
-                _POST_TRANSACTIONS, *(list(column) for column in zip(*(a for a, _ in batch), strict=True))
-            )
+            rows = await self._pool.fetch(_POST_TRANSACTIONS, _json([record for record, _ in batch]))
         except asyncio.CancelledError:  # the loop is going away: nobody may wait forever
             for _, future in batch:
                 future.cancel()
@@ -175,45 +164,16 @@ class EventStore:
             for item in batch:
                 await self._run_batch([item])
             return
-        if self._on_append is not None and any(r["status"] == 201 and not r["replayed"] for r in rows):
+        if self._on_append is not None and any(r["outcome"] == ACCEPTED and not r["replayed"] for r in rows):
             self._on_append()
         for row in rows:
             future = batch[row["idx"] - 1][1]
             if not future.done():  # its caller may have gone (cancelled); the outcome is stored anyway
-                future.set_result((row["status"], row["body"], row["replayed"]))
+                future.set_result((row["outcome"], row["body"], row["replayed"]))
 
-    async def _execute(self, sql: str, *args: Any) -> Accepted:
-        try:
-            row = await self._pool.fetchrow(sql, *args)
-        except asyncpg.RaiseError as exc:
-            raise _rejection_from(exc) from None
+    async def _execute(self, sql: str, record: CommandRecord) -> Accepted:
+        row = await self._pool.fetchrow(sql, _json(record))
         assert row is not None
-        accepted = self._outcome(row["status"], row["body"], row["replayed"])
-        if not accepted.replayed and self._on_append is not None:
+        if row["outcome"] == ACCEPTED and not row["replayed"] and self._on_append is not None:
             self._on_append()
-        return accepted
-
-    @staticmethod
-    def _outcome(status: int, body: str, replayed: bool) -> Accepted:
-        """The stored outcome as an Accepted, or the rejection it records, raised."""
-        if status < 400:
-            return Accepted(body=body, replayed=replayed)
-        problem = msgspec.json.decode(body)
-        code = problem.pop("code")
-        if code == IdempotencyKeyReused.code:
-            raise IdempotencyKeyReused(problem["detail"])
-        error = ERRORS_BY_CODE[code](problem.pop("detail"), **problem)
-        error.replayed = replayed
-        raise error
-
-
-def _rejection_from(exc: asyncpg.RaiseError) -> Exception:
-    """Rejections the SQL functions raise (rolled back, so not recorded under the key)."""
-    code = exc.args[0] if exc.args else ""
-    detail = getattr(exc, "detail", None) or code
-    if code == IdempotencyKeyReused.code:
-        return IdempotencyKeyReused(detail)
-    error_class: type[DomainError] | None = ERRORS_BY_CODE.get(code)
-    if error_class is None:
-        return exc
-    return error_class(detail)
+        return outcome_of(row["outcome"], row["body"], row["replayed"])

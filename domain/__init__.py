@@ -1,77 +1,86 @@
-"""Tally's pure domain: assets, wallets, commands, events, ``decide`` and ``evolve``.
+"""Tally's vocabulary, shared by every layer: commands, events, outcomes and the flows.
 
-Nothing here touches a database, the network, the clock or randomness: identifiers and times are
-passed in, so every rule can be tested exhaustively (tests/unit).
+Nothing here touches a database, the network, the clock or randomness. The rules themselves run in
+SQL, under the wallet's row lock (commands/sql); tests/model.py is the Python model of them that
+tests/integration/test_model_based.py checks the SQL against.
 """
 
-from domain.errors import (
-    AssetExists,
-    AssetNotFound,
-    DomainError,
-    InsufficientFunds,
-    VersionMismatch,
-    WalletExists,
-    WalletNotFound,
-)
-from domain.model import (
-    ASSET_CODE_PATTERN,
-    MAX_AMOUNT,
-    SYSTEM_ACCOUNTS,
-    USER_ID_PATTERN,
-    AssetDefined,
-    BonusGranted,
-    CreditsSpent,
-    CreditsToppedUp,
+from domain.commands import (
+    Command,
     DefineAsset,
-    Entry,
-    Event,
     GrantBonus,
     OpenWallet,
     SpendCredits,
     TopUpCredits,
     TransactionCommand,
-    TransactionEvent,
-    TransactionPlan,
-    WalletOpened,
-    WalletState,
-    decide,
-    evolve,
-    plan_transaction,
-    system_account,
-    user_account,
+    kind_of,
 )
+from domain.errors import (
+    ACCEPTED,
+    REJECTIONS,
+    AssetExists,
+    AssetNotFound,
+    DomainError,
+    IdempotencyKeyReused,
+    InsufficientFunds,
+    VersionMismatch,
+    WalletExists,
+    WalletNotFound,
+)
+from domain.events import (
+    EVENT_TYPES,
+    AssetDefined,
+    BonusGranted,
+    CreditsSpent,
+    CreditsToppedUp,
+    Entry,
+    Event,
+    TransactionEvent,
+    TransactionRecorded,
+    UnknownEventType,
+    WalletOpened,
+    decode_event,
+)
+from domain.flows import FLOWS, FLOWS_BY_KIND, Flow, SystemAccount
+from domain.values import MAX_AMOUNT, MAX_BIGINT, system_account, user_account
 
 __all__ = [
-    "ASSET_CODE_PATTERN",
+    "ACCEPTED",
+    "EVENT_TYPES",
+    "FLOWS",
+    "FLOWS_BY_KIND",
     "MAX_AMOUNT",
-    "SYSTEM_ACCOUNTS",
-    "USER_ID_PATTERN",
+    "MAX_BIGINT",
+    "REJECTIONS",
     "AssetDefined",
     "AssetExists",
     "AssetNotFound",
     "BonusGranted",
+    "Command",
     "CreditsSpent",
     "CreditsToppedUp",
     "DefineAsset",
     "DomainError",
     "Entry",
     "Event",
+    "Flow",
     "GrantBonus",
+    "IdempotencyKeyReused",
     "InsufficientFunds",
     "OpenWallet",
     "SpendCredits",
+    "SystemAccount",
     "TopUpCredits",
     "TransactionCommand",
     "TransactionEvent",
-    "TransactionPlan",
+    "TransactionRecorded",
+    "UnknownEventType",
     "VersionMismatch",
     "WalletExists",
     "WalletNotFound",
     "WalletOpened",
-    "WalletState",
-    "decide",
-    "evolve",
-    "plan_transaction",
+    "decode_event",
+    "kind_of",
     "system_account",
     "user_account",
 ]

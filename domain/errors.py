@@ -1,8 +1,12 @@
-"""Domain rejections. Each carries a stable ``code``; the API maps codes to HTTP in one place."""
+"""Outcomes: ``accepted``, or the rejection a command met. Each rejection carries a stable ``code``
+(the outcome stored under the Idempotency-Key); the API maps codes to HTTP statuses in one place
+(api/errors.py)."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
+
+ACCEPTED: Final = "accepted"
 
 
 class DomainError(Exception):
@@ -43,7 +47,16 @@ class AssetNotFound(DomainError):
     code = "asset_not_found"
 
 
-ERRORS_BY_CODE: dict[str, type[DomainError]] = {
+class IdempotencyKeyReused(DomainError):
+    """The Idempotency-Key was first used for a different request (method, path, body)."""
+
+    code = "idempotency_key_reused"
+
+
+REJECTIONS: Final[dict[str, type[DomainError]]] = {
     cls.code: cls
-    for cls in (InsufficientFunds, VersionMismatch, WalletExists, AssetExists, WalletNotFound, AssetNotFound)
-}
+    for cls in (
+        InsufficientFunds, VersionMismatch, WalletExists, AssetExists, WalletNotFound, AssetNotFound,
+        IdempotencyKeyReused,
+    )
+}  # fmt: skip

@@ -2,8 +2,9 @@
 
 A moment is a time or a global position. "As of time T" counts the events recorded at or before T
 (``recorded_at`` is the writing transaction's timestamp); "as of position P" counts the events at
-positions up to P. Every transaction is one event, so either cut is balanced: each asset still sums
-to zero.
+positions up to P. Balances are the legs of the transaction events (those whose type is a flow's);
+a wallet's version counts every one of its events, whatever its type. Every transaction is one
+event, so either cut is balanced: each asset still sums to zero.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from datetime import UTC, datetime
 import asyncpg
 import msgspec
 
-from domain.errors import WalletNotFound
-from domain.model import MAX_BIGINT
+from domain import MAX_BIGINT, WalletNotFound
 from projections.read_models import Balance
 
 _CUT = """(($1::timestamptz IS NOT NULL AND e.recorded_at <= $1)
@@ -22,7 +22,7 @@ _CUT = """(($1::timestamptz IS NOT NULL AND e.recorded_at <= $1)
 
 _ALL_ACCOUNTS = f"""
 SELECT l.account, e.data ->> 'asset' AS asset, sum(l.amount)::text AS balance
-  FROM events e, tally_event_legs(e.data) l
+  FROM events e JOIN flows f ON f.event_type = e.event_type, tally_event_legs(e.data) l
  WHERE {_CUT}
  GROUP BY 1, 2
  ORDER BY 2, 1
@@ -30,7 +30,7 @@ SELECT l.account, e.data ->> 'asset' AS asset, sum(l.amount)::text AS balance
 _WALLET = f"""
 WITH cut AS (SELECT e.* FROM events e WHERE e.stream_id = 'wallet:' || $3 AND {_CUT}),
      legs AS (SELECT c.data ->> 'asset' AS asset, sum(l.amount) AS balance
-                FROM cut c, tally_event_legs(c.data) l
+                FROM cut c JOIN flows f ON f.event_type = c.event_type, tally_event_legs(c.data) l
                WHERE l.account = 'user:' || $3
                GROUP BY 1)
 SELECT (SELECT max(stream_version) FROM cut) AS version,

@@ -1,7 +1,7 @@
 """The projector: applies events to the read models, batch by batch, never skipping one.
 
-Each projection is a SQL function (migrations/0002_read_models.sql) that reads the next batch of
-events of *finished* transactions in (transaction_id, global_position) order, applies it, and
+Each projection is a SQL function (projections/sql/tally_project_*.sql) that reads the next batch
+of events of *finished* transactions in (writer_xid, global_position) order, applies it, and
 advances its checkpoint in the same transaction. Why not ``global_position > checkpoint``: positions
 are drawn at insert and transactions commit in any order, so a reader by position alone would skip
 an event committed late, forever. tests/integration/test_projector.py commits two transactions out

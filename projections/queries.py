@@ -8,8 +8,7 @@ import uuid
 import asyncpg
 import msgspec
 
-from domain.errors import WalletNotFound
-from domain.model import MAX_BIGINT
+from domain import MAX_BIGINT, WalletNotFound
 from projections.read_models import (
     Asset,
     AssetList,
@@ -28,9 +27,10 @@ class TransactionNotFound(Exception):
 
 
 class WalletIncomplete(Exception):
-    """The wallets projection has applied this wallet's version N but not yet all of 1..N (see
-    migrations/0005_wallet_completeness.sql): answering now would show a state that never existed.
-    It is complete again after the projection's next batch."""
+    """The projection has applied this wallet's version N but not yet all of its events up to N
+    (events of one wallet can be applied out of version order, projections/sql/tally_next_events.sql):
+    answering now would show a state that never existed. It is complete again after the
+    projection's next batch."""
 
 
 _ASSETS = "SELECT code, name, decimals, created_at FROM rm_assets ORDER BY code"
@@ -43,28 +43,26 @@ SELECT w.version, w.events_applied, w.metadata::text AS metadata, w.created_at,
  WHERE w.user_id = $1 AND w.created_at IS NOT NULL
  GROUP BY w.user_id
 """
-_WALLET_EXISTS = "SELECT 1 FROM rm_wallets WHERE user_id = $1 AND created_at IS NOT NULL"
 _TRANSACTION_COLUMNS = """
 transaction_id::text AS transaction_id, kind, user_id, asset, amount, entries::text AS entries,
 reference, metadata::text AS metadata, balance_after::text AS balance_after, wallet_version,
 created_at, consistency_token
 """
+# One statement, so the wallet's head (rm_history_wallets) and its page are read in one snapshot: a
+# page is served only when the history projection has applied every event of the wallet up to the
+# greatest version it applied (events_applied = version), whatever kinds those events are.
 _HISTORY = f"""
-SELECT {_TRANSACTION_COLUMNS}
-  FROM rm_transactions
- WHERE user_id = $1 AND ($2::text IS NULL OR asset = $2) AND wallet_version < $3
- ORDER BY wallet_version DESC
- LIMIT $4
+SELECT h.opened, h.events_applied = h.version AS complete, t.*
+  FROM rm_history_wallets h
+  LEFT JOIN LATERAL (
+        SELECT {_TRANSACTION_COLUMNS}
+          FROM rm_transactions
+         WHERE user_id = $1 AND ($2::text IS NULL OR asset = $2) AND wallet_version < $3
+         ORDER BY wallet_version DESC
+         LIMIT $4) t ON true
+ WHERE h.user_id = $1
 """
 _TRANSACTION = f"SELECT {_TRANSACTION_COLUMNS} FROM rm_transactions WHERE transaction_id = $1"
-# A history page is complete when every version in the span it covers is there (versions are
-# gapless; version 1 is the wallet's opening, not a transaction). $3 NULL: up to the newest.
-_SPAN = """
-SELECT least($3::bigint, max(wallet_version)) AS high,
-       count(*) FILTER (WHERE wallet_version >= $2 AND ($3::bigint IS NULL OR wallet_version <= $3))
-           AS present
-  FROM rm_transactions WHERE user_id = $1
-"""
 _SYSTEM_BALANCES = """
 SELECT asset,
        coalesce(sum(balance) FILTER (WHERE account = 'treasury'), 0)::text AS treasury,
@@ -140,17 +138,13 @@ async def wallet_history(
     pool: asyncpg.Pool, user_id: str, *, asset: str | None, limit: int, cursor: str | None
 ) -> TransactionPage:
     """Newest first, keyset-paged on the wallet version (stable under concurrent appends)."""
-    below = decode_cursor(cursor)
-    rows = await pool.fetch(_HISTORY, user_id, asset, below, limit + 1)
-    if not rows and await pool.fetchval(_WALLET_EXISTS, user_id) is None:
+    rows = await pool.fetch(_HISTORY, user_id, asset, decode_cursor(cursor), limit + 1)
+    if not rows or not rows[0]["opened"]:
         raise WalletNotFound(f"no wallet for user {user_id}")
-    # Like a wallet (see WalletIncomplete), a wallet's history can be applied out of version order
-    # for one batch: a page must not show version N while it lacks a lower one in its span.
-    low = rows[limit - 1]["wallet_version"] if len(rows) > limit else 2
-    span = await pool.fetchrow(_SPAN, user_id, low, None if cursor is None else below - 1)
-    assert span is not None
-    if span["high"] is not None and span["present"] != span["high"] - low + 1:
+    if not rows[0]["complete"]:
         raise WalletIncomplete(user_id)
+    if rows[0]["transaction_id"] is None:  # the wallet has no transactions (on this page)
+        rows = []
     items = [_transaction(r) for r in rows[:limit]]
     next_cursor = encode_cursor(items[-1].wallet_version) if len(rows) > limit else None
     return TransactionPage(items=items, next_cursor=next_cursor)

@@ -32,7 +32,7 @@ from projections.projector import PROJECTIONS, projection_lock_key
 
 TABLES: Final[dict[str, tuple[str, ...]]] = {
     "wallets": ("rm_assets", "rm_wallets", "rm_balances"),
-    "history": ("rm_transactions",),
+    "history": ("rm_transactions", "rm_history_wallets"),
     "system": ("rm_system_balances",),
 }
 REBUILD_BATCH: Final = 20_000
@@ -128,8 +128,10 @@ async def rebuild(
     restart: bool = False,
     batch: int = REBUILD_BATCH,
     progress: Progress | None = None,
+    on_swap_retry: Callable[[], None] | None = None,
 ) -> RebuildResult:
-    """Rebuild projection ``name`` from every event while the live one keeps serving."""
+    """Rebuild projection ``name`` from every event while the live one keeps serving.
+    ``on_swap_retry`` is called each time the swap gives way to a reader and will try again."""
     if name not in TABLES:
         raise ValueError(f"unknown projection {name!r}; one of {', '.join(TABLES)}")
     # A dedicated connection: its search_path makes the projection function write to the copies.
@@ -162,6 +164,8 @@ async def rebuild(
                         f"could not swap {name} in for {SWAP_PATIENCE_S} s: its tables stayed in use "
                         "(a long `tally verify`?); run the rebuild again to resume"
                     ) from None
+                if on_swap_retry is not None:
+                    on_swap_retry()
                 # Keep up with new events meanwhile, so the final swap has little left to do.
                 replayed += await _apply(conn, name, batch)
                 await asyncio.sleep(SWAP_RETRY_INTERVAL_S)

@@ -19,6 +19,8 @@ from typing import Final
 import asyncpg
 import msgspec
 
+from domain import ACCEPTED, REJECTIONS
+
 FINDINGS_PER_CHECK: Final = 1000
 
 
@@ -54,32 +56,55 @@ class VerifyReport(msgspec.Struct, frozen=True, kw_only=True):
 # The seven columns every check returns, in order.
 _FINDING_FIELDS = ("check", "detail", "stream_id", "stream_version", "global_position", "expected", "found")
 
+# Every check dispatches on the event type: a transaction event is one whose type is a flow's (the
+# flows table, written from domain/flows.py); AssetDefined and WalletOpened are the other known
+# types; anything else is named by `unknown_event_type` and is no transaction.
+_TRANSACTIONS = "events e JOIN flows f ON f.event_type = e.event_type"
+
 # The user's leg of every transaction event, with the running balance it leaves, per wallet and
 # asset in version order: the replay that the balance checks compare against.
-_USER_LEGS = """
-SELECT e.stream_id, e.stream_version, e.global_position, e.transaction_id, e.data ->> 'asset' AS asset,
+_USER_LEGS = f"""
+SELECT e.stream_id, e.stream_version, e.global_position, e.data ->> 'asset' AS asset,
        (e.data ->> 'balance_after')::numeric AS recorded_after, leg.delta,
        sum(leg.delta) OVER (PARTITION BY e.stream_id, e.data ->> 'asset' ORDER BY e.stream_version)
            AS balance
-  FROM events e
+  FROM {_TRANSACTIONS}
  CROSS JOIN LATERAL (
        SELECT coalesce(sum(l.amount), 0)::numeric AS delta
          FROM tally_event_legs(e.data) l
         WHERE l.account = 'user:' || substr(e.stream_id, 8)) leg
- WHERE e.stream_id LIKE 'wallet:%' AND e.data ? 'entries'
 """
+# The events a projection has applied: those up to its checkpoint, in its (writer_xid, position) order.
+_UP_TO = """(SELECT e.* FROM projection_checkpoints cp, events e
+             WHERE cp.name = '{name}'
+               AND (e.writer_xid, e.global_position) <= (cp.last_xid, cp.last_position))"""
+_OUTCOMES = ", ".join(f"'{code}'" for code in (ACCEPTED, *REJECTIONS))  # an SQL list of literals
+_OUTCOME_NAMES = "/".join((ACCEPTED, *REJECTIONS))
+_LIMIT = f"LIMIT {FINDINGS_PER_CHECK + 1}"
 
 CHECKS: Final[list[tuple[str, str, str]]] = [
+    (
+        "unknown_event_type",
+        "every event is of a type the ledger knows, on its kind of stream",
+        f"""SELECT 'unknown_event_type', 'no rule for an event of type ' || e.event_type || ' on this stream',
+                   e.stream_id, e.stream_version, e.global_position,
+                   'AssetDefined on asset:, WalletOpened or a flow''s event type on wallet:', e.event_type
+              FROM events e LEFT JOIN flows f ON f.event_type = e.event_type
+             WHERE NOT ((e.event_type = 'AssetDefined' AND e.stream_id LIKE 'asset:%')
+                     OR ((e.event_type = 'WalletOpened' OR f.kind IS NOT NULL)
+                         AND e.stream_id LIKE 'wallet:%'))
+             ORDER BY e.global_position {_LIMIT}""",
+    ),
     (
         "unbalanced_transaction",
         "every transaction's entries sum to zero",
         f"""SELECT 'unbalanced_transaction', 'entries of transaction ' || (e.data ->> 'transaction_id')
                    || ' do not sum to zero', e.stream_id, e.stream_version, e.global_position, '0',
                    sum(l.amount)::text
-              FROM events e, tally_event_legs(e.data) l
+              FROM {_TRANSACTIONS}, tally_event_legs(e.data) l
              GROUP BY e.global_position
             HAVING sum(l.amount) <> 0
-             ORDER BY e.global_position LIMIT {FINDINGS_PER_CHECK + 1}""",
+             ORDER BY e.global_position {_LIMIT}""",
     ),
     (
         "foreign_user_leg",
@@ -87,31 +112,31 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
         f"""SELECT 'foreign_user_leg', 'transaction moves another user''s account ' || l.account,
                    e.stream_id, e.stream_version, e.global_position, 'user:' || substr(e.stream_id, 8),
                    l.account
-              FROM events e, tally_event_legs(e.data) l
+              FROM {_TRANSACTIONS}, tally_event_legs(e.data) l
              WHERE l.account LIKE 'user:%' AND l.account <> 'user:' || substr(e.stream_id, 8)
-             ORDER BY e.global_position LIMIT {FINDINGS_PER_CHECK + 1}""",
+             ORDER BY e.global_position {_LIMIT}""",
     ),
     (
         "legs_do_not_match_kind",
-        "every transaction has exactly its flow's legs: the user by the signed amount, the kind's "
-        "system account by the opposite",
-        f"""SELECT 'legs_do_not_match_kind', 'the legs of this ' || coalesce(e.data ->> 'kind', '?')
-                   || ' (' || e.event_type || ') are not its flow''s', e.stream_id, e.stream_version,
-                   e.global_position, coalesce(f.legs::text, 'a known kind'), (e.data -> 'entries')::text
-              FROM events e,
-                   tally_flow_legs(e.data ->> 'kind', substr(e.stream_id, 8), (e.data ->> 'amount')::bigint) f
-             WHERE e.data ? 'entries'
-               AND (f.legs IS NULL OR e.data -> 'entries' <> f.legs OR e.event_type <> f.event_type)
-             ORDER BY e.global_position LIMIT {FINDINGS_PER_CHECK + 1}""",
+        "every transaction is of its event type's flow and has exactly that flow's legs: the user by "
+        "the signed amount, the flow's system account by the opposite",
+        f"""SELECT 'legs_do_not_match_kind', 'this ' || e.event_type || ' is not a ' || f.kind
+                   || ' with its flow''s legs', e.stream_id, e.stream_version, e.global_position,
+                   jsonb_build_object('kind', f.kind, 'entries', x.legs)::text,
+                   jsonb_build_object('kind', e.data -> 'kind', 'entries', e.data -> 'entries')::text
+              FROM {_TRANSACTIONS},
+                   tally_flow_legs(f.kind, substr(e.stream_id, 8), (e.data ->> 'amount')::bigint) x
+             WHERE e.data ->> 'kind' IS DISTINCT FROM f.kind OR e.data -> 'entries' IS DISTINCT FROM x.legs
+             ORDER BY e.global_position {_LIMIT}""",
     ),
     (
         "asset_not_zero_sum",
         "each asset's balances sum to zero",
         f"""SELECT 'asset_not_zero_sum', 'the balances of ' || (e.data ->> 'asset') || ' sum to '
                    || sum(l.amount), NULL::text, NULL::bigint, NULL::bigint, '0', sum(l.amount)::text
-              FROM events e, tally_event_legs(e.data) l
+              FROM {_TRANSACTIONS}, tally_event_legs(e.data) l
              GROUP BY e.data ->> 'asset'
-            HAVING sum(l.amount) <> 0 LIMIT {FINDINGS_PER_CHECK + 1}""",
+            HAVING sum(l.amount) <> 0 {_LIMIT}""",
     ),
     (
         "negative_balance",
@@ -119,7 +144,7 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
         f"""SELECT 'negative_balance', 'the ' || asset || ' balance went below zero', stream_id,
                    stream_version, global_position, '>= 0', balance::text
               FROM ({_USER_LEGS}) r WHERE balance < 0
-             ORDER BY global_position LIMIT {FINDINGS_PER_CHECK + 1}""",
+             ORDER BY global_position {_LIMIT}""",
     ),
     (
         "balance_after_mismatch",
@@ -127,7 +152,7 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
         f"""SELECT 'balance_after_mismatch', 'balance_after of ' || asset || ' differs from the replay',
                    stream_id, stream_version, global_position, balance::text, recorded_after::text
               FROM ({_USER_LEGS}) r WHERE recorded_after IS DISTINCT FROM balance
-             ORDER BY global_position LIMIT {FINDINGS_PER_CHECK + 1}""",
+             ORDER BY global_position {_LIMIT}""",
     ),
     (
         "version_gap",
@@ -138,7 +163,7 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
                            row_number() OVER (PARTITION BY stream_id ORDER BY stream_version) AS expected
                       FROM events) v
              WHERE v.stream_version <> v.expected
-             ORDER BY v.stream_id, v.stream_version LIMIT {FINDINGS_PER_CHECK + 1}""",
+             ORDER BY v.stream_id, v.stream_version {_LIMIT}""",
     ),
     (
         "stream_head_mismatch",
@@ -158,7 +183,7 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
                 ON e.stream_id = s.stream_id
              WHERE s.stream_id IS NULL OR e.stream_id IS NULL OR s.version <> e.version
                 OR s.last_hash <> e.hash
-             LIMIT {FINDINGS_PER_CHECK + 1}""",
+             {_LIMIT}""",
     ),
     (
         "hash_chain_broken",
@@ -175,7 +200,7 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
                                AS expected
                       FROM events e) h
              WHERE hash <> expected
-             ORDER BY global_position LIMIT {FINDINGS_PER_CHECK + 1}""",
+             ORDER BY global_position {_LIMIT}""",
     ),
     (
         "snapshot_mismatch",
@@ -191,34 +216,34 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
                    NULL::bigint, NULL::bigint, coalesce(r.balance, 0)::text, coalesce(n.balance, 0)::text
               FROM replay r FULL JOIN snapshot n ON n.stream_id = r.stream_id AND n.asset = r.asset
              WHERE coalesce(r.balance, 0) <> coalesce(n.balance, 0)
-             LIMIT {FINDINGS_PER_CHECK + 1}""",
+             {_LIMIT}""",
     ),
     (
         "read_model_balances",
         "the live balances read model equals the replay up to its checkpoint",
-        f"""WITH cp AS (SELECT last_xid, last_position FROM projection_checkpoints WHERE name = 'wallets'),
-            replay AS (
+        f"""WITH replay AS (
                 SELECT substr(l.account, 6) AS user_id, e.data ->> 'asset' AS asset, sum(l.amount) AS balance
-                  FROM cp, events e, tally_event_legs(e.data) l
-                 WHERE (e.transaction_id, e.global_position) <= (cp.last_xid, cp.last_position)
-                   AND l.account LIKE 'user:%'
+                  FROM {_UP_TO.format(name="wallets")} e
+                  JOIN flows f ON f.event_type = e.event_type, tally_event_legs(e.data) l
+                 WHERE l.account LIKE 'user:%'
                  GROUP BY 1, 2)
             SELECT 'read_model_balances', 'rm_balances of ' || coalesce(r.asset, b.asset)
                    || ' differs from the replay', 'wallet:' || coalesce(r.user_id, b.user_id),
                    NULL::bigint, NULL::bigint, coalesce(r.balance, 0)::text, coalesce(b.balance, 0)::text
               FROM replay r FULL JOIN rm_balances b ON b.user_id = r.user_id AND b.asset = r.asset
              WHERE coalesce(r.balance, 0) <> coalesce(b.balance, 0)
-             LIMIT {FINDINGS_PER_CHECK + 1}""",
+             {_LIMIT}""",
     ),
     (
         "read_model_wallets",
-        "the live wallets read model (versions, assets) equals the replay up to its checkpoint",
-        f"""WITH cp AS (SELECT last_xid, last_position FROM projection_checkpoints WHERE name = 'wallets'),
-            upto AS (SELECT e.* FROM cp, events e
-                      WHERE (e.transaction_id, e.global_position) <= (cp.last_xid, cp.last_position)),
-            replay AS (SELECT substr(stream_id, 8) AS user_id, max(stream_version) AS version,
+        "the live wallets read model (versions, events applied, assets) equals the replay up to its "
+        "checkpoint",
+        f"""WITH upto AS {_UP_TO.format(name="wallets")},
+            replay AS (SELECT substr(u.stream_id, 8) AS user_id, max(u.stream_version) AS version,
                               count(*) AS applied
-                         FROM upto WHERE stream_id LIKE 'wallet:%' GROUP BY 1),
+                         FROM upto u LEFT JOIN flows f ON f.event_type = u.event_type
+                        WHERE u.event_type = 'WalletOpened' OR f.kind IS NOT NULL
+                        GROUP BY 1),
             assets AS (SELECT data ->> 'code' AS code FROM upto WHERE event_type = 'AssetDefined')
             SELECT 'read_model_wallets', 'rm_wallets version differs from the replay',
                    'wallet:' || coalesce(r.user_id, w.user_id), NULL::bigint, NULL::bigint,
@@ -232,15 +257,19 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
                    CASE WHEN m.code IS NULL THEN 'absent' ELSE 'present' END
               FROM assets a FULL JOIN rm_assets m ON m.code = a.code
              WHERE a.code IS NULL OR m.code IS NULL
-             LIMIT {FINDINGS_PER_CHECK + 1}""",
+             {_LIMIT}""",
     ),
     (
         "read_model_history",
-        "the live history read model holds exactly the transaction events up to its checkpoint",
-        f"""WITH cp AS (SELECT last_xid, last_position FROM projection_checkpoints WHERE name = 'history'),
-            replay AS (SELECT e.* FROM cp, events e
-                        WHERE (e.transaction_id, e.global_position) <= (cp.last_xid, cp.last_position)
-                          AND e.data ? 'entries')
+        "the live history read model holds exactly the transaction events, and each wallet's count of "
+        "them, up to its checkpoint",
+        f"""WITH upto AS {_UP_TO.format(name="history")},
+            replay AS (SELECT u.* FROM upto u JOIN flows f ON f.event_type = u.event_type),
+            heads AS (SELECT substr(u.stream_id, 8) AS user_id, max(u.stream_version) AS version,
+                             count(*) AS applied, bool_or(u.event_type = 'WalletOpened') AS opened
+                        FROM upto u LEFT JOIN flows f ON f.event_type = u.event_type
+                       WHERE u.event_type = 'WalletOpened' OR f.kind IS NOT NULL
+                       GROUP BY 1)
             SELECT 'read_model_history', 'rm_transactions differs from the event', coalesce(r.stream_id,
                    'wallet:' || t.user_id), coalesce(r.stream_version, t.wallet_version), r.global_position,
                    coalesce(jsonb_build_object('user_id', r.data ->> 'user_id', 'amount',
@@ -254,38 +283,52 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
                 OR t.user_id <> r.data ->> 'user_id' OR t.amount <> (r.data ->> 'amount')::bigint
                 OR t.balance_after <> (r.data ->> 'balance_after')::numeric
                 OR t.entries <> r.data -> 'entries' OR t.wallet_version <> r.stream_version
-             LIMIT {FINDINGS_PER_CHECK + 1}""",
+            UNION ALL
+            SELECT 'read_model_history', 'rm_history_wallets differs from the replay',
+                   'wallet:' || coalesce(h.user_id, w.user_id), NULL, NULL,
+                   coalesce(jsonb_build_object('version', h.version, 'events_applied', h.applied,
+                                               'opened', h.opened)::text, 'absent'),
+                   coalesce(jsonb_build_object('version', w.version, 'events_applied', w.events_applied,
+                                               'opened', w.opened)::text, 'absent')
+              FROM heads h FULL JOIN rm_history_wallets w ON w.user_id = h.user_id
+             WHERE h.version IS DISTINCT FROM w.version OR h.applied IS DISTINCT FROM w.events_applied
+                OR h.opened IS DISTINCT FROM w.opened
+             {_LIMIT}""",
     ),
     (
         "read_model_system",
         "the live system balances equal the replay up to their checkpoint",
-        f"""WITH cp AS (SELECT last_xid, last_position FROM projection_checkpoints WHERE name = 'system'),
-            replay AS (
+        f"""WITH replay AS (
                 SELECT e.data ->> 'asset' AS asset,
                        CASE WHEN l.account LIKE 'user:%' THEN 'users'
                             ELSE substr(l.account, 8) END AS account,
                        sum(l.amount) AS balance
-                  FROM cp, events e, tally_event_legs(e.data) l
-                 WHERE (e.transaction_id, e.global_position) <= (cp.last_xid, cp.last_position)
+                  FROM {_UP_TO.format(name="system")} e
+                  JOIN flows f ON f.event_type = e.event_type, tally_event_legs(e.data) l
                  GROUP BY 1, 2)
             SELECT 'read_model_system', 'rm_system_balances ' || coalesce(r.asset, s.asset) || '/'
                    || coalesce(r.account, s.account) || ' differs from the replay', NULL, NULL, NULL,
                    coalesce(r.balance, 0)::text, coalesce(s.balance, 0)::text
               FROM replay r FULL JOIN rm_system_balances s ON s.asset = r.asset AND s.account = r.account
              WHERE coalesce(r.balance, 0) <> coalesce(s.balance, 0)
-             LIMIT {FINDINGS_PER_CHECK + 1}""",
+             {_LIMIT}""",
     ),
     (
         "command_outcome",
-        "every command id maps to exactly one outcome, and every event to exactly one command",
-        f"""SELECT 'command_outcome', 'command ' || c.command_id || ' has no outcome', c.stream_id,
-                   NULL::bigint, NULL::bigint, 'an outcome', 'none'
-              FROM commands c WHERE c.status IS NULL
+        "every command has a domain outcome; an accepted one has exactly its event, a refused one none; "
+        "every event was caused by exactly one command",
+        f"""SELECT 'command_outcome', 'command ' || c.command_id || ' has an outcome no one knows',
+                   c.stream_id, NULL::bigint, NULL::bigint, '{_OUTCOME_NAMES}', c.outcome
+              FROM commands c WHERE c.outcome NOT IN ({_OUTCOMES})
             UNION ALL
             SELECT 'command_outcome', 'accepted command ' || c.command_id || ' has no event', c.stream_id,
                    NULL, NULL, coalesce(c.event_id::text, 'an event id'), 'no such event'
               FROM commands c LEFT JOIN events e ON e.event_id = c.event_id
-             WHERE c.status = 201 AND e.event_id IS NULL
+             WHERE c.outcome = '{ACCEPTED}' AND e.event_id IS NULL
+            UNION ALL
+            SELECT 'command_outcome', 'refused command ' || c.command_id || ' names an event', c.stream_id,
+                   NULL, NULL, 'no event', c.event_id::text
+              FROM commands c WHERE c.outcome <> '{ACCEPTED}' AND c.event_id IS NOT NULL
             UNION ALL
             SELECT 'command_outcome', 'event ' || e.event_id || ' was caused by '
                    || count(c.command_id) || ' commands', e.stream_id, e.stream_version, e.global_position,
@@ -297,13 +340,13 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
                    e.stream_version, e.global_position, c.command_id, e.metadata ->> 'command_id'
               FROM events e JOIN commands c ON c.event_id = e.event_id
              WHERE e.metadata ? 'command_id' AND e.metadata ->> 'command_id' <> c.command_id
-             LIMIT {FINDINGS_PER_CHECK + 1}""",
+             {_LIMIT}""",
     ),
 ]
 
 _LOCK_READ_MODELS = (
     "LOCK TABLE projection_checkpoints, rm_assets, rm_wallets, rm_balances, rm_transactions, "
-    "rm_system_balances IN ACCESS SHARE MODE"
+    "rm_history_wallets, rm_system_balances IN ACCESS SHARE MODE"
 )
 _TOTALS = """
 SELECT (SELECT count(*) FROM events) AS events, (SELECT count(*) FROM streams) AS streams,

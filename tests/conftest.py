@@ -1,6 +1,11 @@
 """Real PostgreSQL for every test: DATABASE_URL when set, else an embedded server under
 .data/test-pg. The schema is migrated once into a template database; each test gets a fresh copy
-of it, so tests that commit (all of them) never see each other's rows and nothing is truncated."""
+of it, so tests that commit (all of them) never see each other's rows and nothing is truncated.
+
+Before a test's database is dropped, every event in it is decoded into its domain class
+(``domain.decode_event``): the vocabulary in domain/events.py must describe every event the SQL
+writes. A test that writes an undecodable event on purpose (a poison event, an unknown type) names
+it in ``foreign_events``."""
 
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from api.database import embedded_server
 from api.migrate import migrate
 from api.settings import Settings
 from commands import EventStore
+from domain import decode_event
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,16 +80,43 @@ def template_db(admin_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
-async def db_url(admin_url: str, template_db: str) -> AsyncIterator[str]:
-    """A fresh, migrated database for this test."""
+def foreign_events() -> set[int]:
+    """Global positions of events this test wrote on purpose that no domain class describes."""
+    return set()
+
+
+async def _decode_every_event(url: str, foreign: set[int]) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT global_position, event_type, data::text AS data FROM events")
+    finally:
+        await conn.close()
+    failures = []
+    for row in rows:
+        if row["global_position"] in foreign:
+            continue
+        try:
+            decode_event(row["event_type"], row["data"])
+        except ValueError as exc:  # msgspec.ValidationError and UnknownEventType are ValueErrors
+            failures.append(f"position {row['global_position']} ({row['event_type']}): {exc}")
+    assert not failures, "stored events that domain/events.py cannot decode:\n" + "\n".join(failures)
+
+
+@pytest.fixture
+async def db_url(admin_url: str, template_db: str, foreign_events: set[int]) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test; every event it holds at the end must decode."""
     name = f"tally_test_{uuid.uuid4().hex[:16]}"
     admin = await asyncpg.connect(admin_url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
     finally:
         await admin.close()
-    yield with_database(admin_url, name)
-    await _drop(admin_url, name)
+    url = with_database(admin_url, name)
+    try:
+        yield url
+        await _decode_every_event(url, foreign_events)
+    finally:
+        await _drop(admin_url, name)
 
 
 @pytest.fixture

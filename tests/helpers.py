@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
+import msgspec
 
-from commands import (
-    Accepted,
-    CommandContext,
-    EventStore,
-    handle_define_asset,
-    handle_grant_bonus,
-    handle_open_wallet,
-    handle_spend_credits,
-    handle_top_up_credits,
-)
-from domain import DefineAsset, GrantBonus, OpenWallet, SpendCredits, TopUpCredits
-from projections.projector import catch_up
+from commands import Accepted, CommandContext, CommandRecord, EventStore, handle
+from commands.event_store import _POST_TRANSACTIONS
+from domain import DefineAsset, GrantBonus, OpenWallet, SpendCredits, TopUpCredits, TransactionCommand
+from projections.positions import Position
+from projections.projector import catch_up, project_batch
 
 
 def ctx(key: str | None = None, request: str = "") -> CommandContext:
@@ -26,29 +22,38 @@ def ctx(key: str | None = None, request: str = "") -> CommandContext:
     return CommandContext(command_id=key, fingerprint=CommandContext.fingerprint_of(request or key))
 
 
+def record(command: TransactionCommand, key: str | None = None, request: str = "") -> CommandRecord:
+    """``command`` as the batch function reads it, under ``key`` (fresh unless given)."""
+    return CommandRecord.of(ctx(key, request), command)
+
+
+async def run_batch(conn: asyncpg.Connection | asyncpg.Pool, *records: CommandRecord) -> list[asyncpg.Record]:
+    """One call of tally_post_transactions, on this connection (in its transaction, if one is open):
+    (idx, outcome, body, replayed) per command, in order."""
+    return list(await conn.fetch(_POST_TRANSACTIONS, msgspec.json.encode(list(records)).decode()))
+
+
 async def define_asset(store: EventStore, code: str = "GOLD") -> Accepted:
-    return await handle_define_asset(store, DefineAsset(code=code, name=code.title(), decimals=0), ctx())
+    return await handle(store, DefineAsset(code=code, name=code.title(), decimals=0), ctx())
 
 
 async def open_wallet(store: EventStore, user_id: str) -> Accepted:
-    return await handle_open_wallet(store, OpenWallet(user_id=user_id), ctx())
+    return await handle(store, OpenWallet(user_id=user_id), ctx())
 
 
 async def top_up(store: EventStore, user_id: str, amount: int, asset: str = "GOLD") -> Accepted:
-    return await handle_top_up_credits(
-        store, TopUpCredits(user_id=user_id, asset=asset, amount=amount), ctx()
-    )
+    return await handle(store, TopUpCredits(user_id=user_id, asset=asset, amount=amount), ctx())
 
 
 async def bonus(store: EventStore, user_id: str, amount: int, asset: str = "GOLD") -> Accepted:
-    return await handle_grant_bonus(store, GrantBonus(user_id=user_id, asset=asset, amount=amount), ctx())
+    return await handle(store, GrantBonus(user_id=user_id, asset=asset, amount=amount), ctx())
 
 
 async def spend(
     store: EventStore, user_id: str, amount: int, asset: str = "GOLD", key: str | None = None
 ) -> Accepted:
     command = SpendCredits(user_id=user_id, asset=asset, amount=amount)
-    return await handle_spend_credits(store, command, ctx(key, request=f"spend {user_id} {amount} {asset}"))
+    return await handle(store, command, ctx(key, request=f"spend {user_id} {amount} {asset}"))
 
 
 async def stream_balance(pool: asyncpg.Pool, user_id: str, asset: str = "GOLD") -> int:
@@ -61,10 +66,11 @@ async def stream_balance(pool: asyncpg.Pool, user_id: str, asset: str = "GOLD") 
 
 
 async def event_balance(pool: asyncpg.Pool, user_id: str, asset: str = "GOLD") -> int:
-    """The balance replayed from the events alone."""
+    """The balance replayed from the events alone: the legs of its transaction events."""
     value = await pool.fetchval(
         """SELECT coalesce(sum((leg ->> 'amount')::numeric), 0)
-             FROM events, jsonb_array_elements(data -> 'entries') leg
+             FROM events e JOIN flows f ON f.event_type = e.event_type,
+                  jsonb_array_elements(data -> 'entries') leg
             WHERE data ->> 'asset' = $2 AND leg ->> 'account' = 'user:' || $1""",
         user_id, asset,
     )  # fmt: skip
@@ -89,3 +95,47 @@ async def projected(pool: asyncpg.Pool, within: float = 30.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise TimeoutError(f"projections applied {applied} of {total} events within {within} s")
         await asyncio.sleep(0.02)
+
+
+async def apply_projection(pool: asyncpg.Pool, name: str, until: Position, within: float = 30.0) -> None:
+    """Run projection ``name`` alone until its checkpoint has reached ``until`` (a consistency token)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        _, checkpoint = await project_batch(pool, name, 500)
+        if checkpoint >= until:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"projection {name} reached {checkpoint.token()}, not {until.token()}")
+        await asyncio.sleep(0.02)
+
+
+_LOCK_WAITS = """
+SELECT pid, wait_event, pg_blocking_pids(pid) AS blockers, application_name
+  FROM pg_stat_activity
+ WHERE datname = current_database() AND wait_event_type = 'Lock'
+"""
+
+
+async def lock_waits(
+    probe: asyncpg.Pool, enough: Callable[[list[asyncpg.Record]], bool], within: float = 30.0
+) -> list[asyncpg.Record]:
+    """Poll the sessions of this database that wait for a lock until ``enough`` says they are the
+    ones expected (this is how a race test shows its race: the contenders, each in its own
+    transaction, were all waiting at once). A bound on waiting, not a timing assertion."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        waits = list(await probe.fetch(_LOCK_WAITS))
+        if enough(waits):
+            return waits
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"the expected lock waits did not happen within {within} s: {waits}")
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def holding_wallet(pool: asyncpg.Pool, user_id: str) -> AsyncIterator[int]:
+    """Hold the wallet's row lock (what every command on it takes) in a transaction of its own, as
+    an operator's `SELECT … FOR UPDATE` would, until the block ends; yields that session's pid."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT 1 FROM streams WHERE stream_id = $1 FOR UPDATE", f"wallet:{user_id}")
+        yield await conn.fetchval("SELECT pg_backend_pid()")

@@ -1,4 +1,9 @@
-"""The hot-wallet race: real concurrent connections spending from one wallet."""
+"""The hot-wallet race: real concurrent transactions spending from one wallet.
+
+Each contender runs on its own connection, in its own database transaction. The wallet's row is
+held first (as an operator's `SELECT … FOR UPDATE` would hold it) until every contender is seen
+waiting for it, so the race is not hoped for: all of them are queued on the same row at once when
+it is released."""
 
 from __future__ import annotations
 
@@ -8,35 +13,63 @@ import contextlib
 import asyncpg
 
 from commands import EventStore
-from domain import InsufficientFunds
-from tests.helpers import define_asset, event_balance, open_wallet, projected, spend, stream_balance, top_up
+from domain import InsufficientFunds, SpendCredits
+from tests.helpers import (
+    define_asset,
+    event_balance,
+    holding_wallet,
+    lock_waits,
+    open_wallet,
+    projected,
+    record,
+    run_batch,
+    spend,
+    stream_balance,
+    top_up,
+)
+
+CONTENDERS = 50
+AFFORDABLE = 7
 
 
 async def test_fifty_concurrent_spends_exactly_k_succeed(pool: asyncpg.Pool, store: EventStore) -> None:
     await define_asset(store)
     await open_wallet(store, "hot")
-    await top_up(store, "hot", 7 * 100 + 40)  # affords k = 7 spends of 100, leaving 40
+    await top_up(store, "hot", AFFORDABLE * 100 + 40)  # affords k = 7 spends of 100, leaving 40
 
-    results = await asyncio.gather(*(spend(store, "hot", 100) for _ in range(50)), return_exceptions=True)
+    async def contender(i: int) -> asyncpg.Record:
+        async with pool.acquire() as conn:
+            [row] = await run_batch(conn, record(SpendCredits(user_id="hot", asset="GOLD", amount=100)))
+            return row
 
-    accepted = [r for r in results if not isinstance(r, BaseException)]
-    refused = [r for r in results if isinstance(r, InsufficientFunds)]
-    assert len(accepted) == 7
-    assert len(refused) == 43
+    async with holding_wallet(pool, "hot") as holder:
+        racing = [asyncio.create_task(contender(i)) for i in range(CONTENDERS)]
+        waits = await lock_waits(pool, lambda w: len(w) >= CONTENDERS)
+        assert holder in {b for w in waits for b in w["blockers"]}
+    rows = await asyncio.gather(*racing)
+
+    outcomes = [r["outcome"] for r in rows]
+    assert outcomes.count("accepted") == AFFORDABLE
+    assert outcomes.count("insufficient_funds") == CONTENDERS - AFFORDABLE
     assert await stream_balance(pool, "hot") == 40
     assert await event_balance(pool, "hot") == 40
-    # Versions are gapless: open + top-up + 7 spends.
-    versions = await pool.fetch(
-        "SELECT stream_version FROM events WHERE stream_id = 'wallet:hot' ORDER BY stream_version"
+    # Versions are gapless: open + top-up + 7 spends, each written by its own transaction.
+    events = await pool.fetch(
+        "SELECT stream_version, writer_xid::text AS xid FROM events WHERE stream_id = 'wallet:hot' ORDER BY 2"
     )
-    assert [r["stream_version"] for r in versions] == list(range(1, 10))
+    assert sorted(r["stream_version"] for r in events) == list(range(1, 3 + AFFORDABLE))
+    assert len({r["xid"] for r in events}) == len(events)
 
 
-async def test_balance_never_dips_below_zero_under_mixed_load(pool: asyncpg.Pool, store: EventStore) -> None:
-    await define_asset(store)
-    await open_wallet(store, "mixed")
+async def test_balance_never_dips_below_zero_under_mixed_load(pool: asyncpg.Pool) -> None:
+    """Three "API processes" (event stores, each group-committing its own batches) top up and spend
+    one wallet at once."""
+    stores = [EventStore(pool, max_in_flight=2, max_batch=5) for _ in range(3)]
+    await define_asset(stores[0])
+    await open_wallet(stores[0], "mixed")
 
     async def worker(i: int) -> None:
+        store = stores[i % len(stores)]
         for _ in range(10):
             if i % 3 == 0:
                 await top_up(store, "mixed", 30)
@@ -48,10 +81,10 @@ async def test_balance_never_dips_below_zero_under_mixed_load(pool: asyncpg.Pool
 
     # Every recorded balance_after, in version order, is non-negative and follows from the legs.
     rows = await pool.fetch(
-        """SELECT (data ->> 'balance_after')::numeric AS after,
+        """SELECT (data ->> 'balance_after')::numeric AS after, writer_xid::text AS xid,
                   (SELECT sum((l ->> 'amount')::numeric) FROM jsonb_array_elements(data -> 'entries') l
                     WHERE l ->> 'account' = 'user:mixed') AS delta
-             FROM events WHERE stream_id = 'wallet:mixed' AND stream_version > 1
+             FROM events WHERE stream_id = 'wallet:mixed' AND event_type <> 'WalletOpened'
             ORDER BY stream_version"""
     )
     running = 0
@@ -60,6 +93,7 @@ async def test_balance_never_dips_below_zero_under_mixed_load(pool: asyncpg.Pool
         assert running >= 0
         assert int(row["after"]) == running
     assert await stream_balance(pool, "mixed") == running
+    assert len({r["xid"] for r in rows}) > 1  # many transactions took turns on the wallet
 
     await projected(pool)
     total = await pool.fetchval("SELECT sum(balance) FROM rm_system_balances WHERE asset = 'GOLD'")

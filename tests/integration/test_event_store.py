@@ -26,7 +26,9 @@ async def _populate(store: EventStore) -> None:
         "TRUNCATE events",
         "DELETE FROM commands",
         "TRUNCATE commands CASCADE",
-        "UPDATE commands SET status = 201, response = '{}'",
+        "UPDATE commands SET outcome = 'accepted', response = '{}'",
+        "DELETE FROM flows",
+        "UPDATE flows SET user_sign = 1",
     ],
 )
 async def test_history_cannot_be_changed(pool: asyncpg.Pool, store: EventStore, statement: str) -> None:

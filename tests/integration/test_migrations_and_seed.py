@@ -16,7 +16,7 @@ from commands import EventStore
 async def test_migrating_again_applies_nothing(db_url: str) -> None:
     conn = await asyncpg.connect(db_url)
     try:
-        assert await migrate(conn) == []
+        assert (await migrate(conn)).nothing
         applied = await conn.fetchval("SELECT count(*) FROM schema_migrations")
         assert applied == len(list(migrations_dir().glob("*.sql")))
     finally:
@@ -42,8 +42,8 @@ async def test_a_new_migration_file_is_applied_once(db_url: str, tmp_path: Path)
     (copy / "9999_probe.sql").write_text("CREATE TABLE probe (id int);")
     conn = await asyncpg.connect(db_url)
     try:
-        assert await migrate(conn, copy) == ["9999_probe.sql"]
-        assert await migrate(conn, copy) == []
+        assert (await migrate(conn, copy)).migrations == ["9999_probe.sql"]
+        assert (await migrate(conn, copy)).nothing
     finally:
         await conn.close()
 

@@ -6,15 +6,15 @@ import asyncpg
 import pytest
 
 from commands import EventStore
+from domain import TopUpCredits
 from projections.projector import project_batch
 from projections.queries import WalletIncomplete, get_wallet, wallet_history
-from tests.helpers import ctx, define_asset, open_wallet, projected
+from tests.helpers import define_asset, open_wallet, projected, record, run_batch
 
-_POST = """SELECT status FROM tally_post_transaction(
-    $1, $2, '{}'::jsonb, gen_random_uuid(), 'CreditsToppedUp', 'top_up', $3, 'GOLD', $4, $4,
-    jsonb_build_array(jsonb_build_object('account', 'system:treasury', 'amount', -$4::bigint),
-                      jsonb_build_object('account', 'user:' || $3, 'amount', $4::bigint)),
-    NULL, '{}'::jsonb, NULL)"""
+
+async def _top_up(conn: asyncpg.Connection, user_id: str, amount: int) -> None:
+    [row] = await run_batch(conn, record(TopUpCredits(user_id=user_id, asset="GOLD", amount=amount)))
+    assert row["outcome"] == "accepted"
 
 
 async def _begin_top_up(
@@ -22,8 +22,7 @@ async def _begin_top_up(
 ) -> asyncpg.transaction.Transaction:
     tx = conn.transaction()
     await tx.start()
-    c = ctx()
-    assert await conn.fetchval(_POST, c.command_id, c.fingerprint, user_id, amount) == 201
+    await _top_up(conn, user_id, amount)
     return tx
 
 
@@ -110,8 +109,7 @@ async def _versions_committed_out_of_order(pool: asyncpg.Pool, store: EventStore
         early_tx = await _begin_top_up(early, "x", 1)  # takes the lower transaction id first
         late_tx = await _begin_top_up(late, "w", 20)  # wallet w version 2, higher transaction id
         await late_tx.commit()
-        c = ctx()
-        assert await early.fetchval(_POST, c.command_id, c.fingerprint, "w", 300) == 201  # w version 3
+        await _top_up(early, "w", 300)  # w version 3
         await early_tx.commit()
     finally:
         await pool.release(early)

@@ -114,9 +114,18 @@ async def test_a_swap_waits_for_a_running_verify_without_stalling_anything(
     verifying = reader.transaction(isolation="repeatable_read", readonly=True)
     await verifying.start()
     await reader.execute("LOCK TABLE rm_system_balances IN ACCESS SHARE MODE")  # what verify holds
-    rebuilding = asyncio.create_task(rebuild(db_url, "system", batch=10))
+    retries = 0
+    gave_way_twice = asyncio.Event()
+
+    def gave_way() -> None:
+        nonlocal retries
+        retries += 1
+        if retries >= 2:
+            gave_way_twice.set()
+
+    rebuilding = asyncio.create_task(rebuild(db_url, "system", batch=10, on_swap_retry=gave_way))
     try:
-        await asyncio.sleep(1.5)  # several swap attempts give way meanwhile
+        await asyncio.wait_for(gave_way_twice.wait(), 60)  # the swap tried, and gave way, twice
         assert not rebuilding.done()
         # Meanwhile the ledger moves on and the projections keep up: the waiting swap holds no
         # transaction id, so nothing holds back what they may read.

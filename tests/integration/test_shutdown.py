@@ -63,17 +63,17 @@ async def test_sigterm_mid_load_applies_every_acknowledged_command(
     assert unanswered, "the load outlived the server: SIGTERM was not mid-load"
 
     rows = await pool.fetch(
-        "SELECT c.command_id, c.status, e.event_id::text AS event_id FROM commands c "
+        "SELECT c.command_id, c.outcome, e.event_id::text AS event_id FROM commands c "
         "LEFT JOIN events e ON e.event_id = c.event_id WHERE c.command_id = ANY($1::text[])",
         [*acknowledged, *unanswered],
     )
     recorded = {r["command_id"]: r for r in rows}
     for key, transaction_id in acknowledged.items():
-        assert recorded[key]["status"] == 201
+        assert recorded[key]["outcome"] == "accepted"
         assert recorded[key]["event_id"] == transaction_id
     for key in unanswered:  # never reached the server, or fully applied: nothing in between
         if key in recorded:
-            assert recorded[key]["status"] == 201
+            assert recorded[key]["outcome"] == "accepted"
             assert recorded[key]["event_id"] is not None
     # Read models are compared at their own checkpoints, so a projector stopped mid-way is fine.
     async with pool.acquire() as conn:

@@ -1,0 +1,44 @@
+-- DefineAsset: creates the stream `asset:<code>` with its AssetDefined event, exactly once per
+-- Idempotency-Key. `p_command` is commands.event_store.CommandRecord as JSON:
+-- {key, fingerprint, context, command: {code, name, decimals}}. Returns the domain outcome
+-- (`accepted` or `asset_exists`, both recorded and replayed), the response body, and whether it
+-- was replayed.
+CREATE OR REPLACE FUNCTION tally_define_asset(p_command jsonb)
+RETURNS TABLE (outcome text, body text, replayed boolean) LANGUAGE plpgsql AS $$
+DECLARE
+    v_key text := p_command ->> 'key';
+    v_fingerprint bytea := (p_command ->> 'fingerprint')::bytea;
+    v_context jsonb := (p_command -> 'context') || jsonb_build_object('command_id', v_key);
+    v_code text := p_command -> 'command' ->> 'code';
+    v_stream text := 'asset:' || v_code;
+    v_now timestamptz := now();
+    v_data jsonb := jsonb_build_object('code', v_code, 'name', p_command -> 'command' ->> 'name',
+                                       'decimals', (p_command -> 'command' ->> 'decimals')::int);
+    v_event_id uuid := gen_random_uuid();
+    v_prior commands;
+    v_event record;
+    v_body jsonb;
+BEGIN
+    PERFORM tally_lock_command_key(v_key);
+    SELECT * INTO v_prior FROM commands WHERE command_id = v_key;
+    IF FOUND THEN
+        RETURN QUERY SELECT r.outcome, r.body, r.replayed FROM tally_replay(v_prior, v_fingerprint) r;
+        RETURN;
+    END IF;
+    INSERT INTO streams (stream_id, stream_type, version, state, last_hash, created_at, updated_at)
+    VALUES (v_stream, 'asset', 1, v_data, tally_genesis_hash(), v_now, v_now)
+    ON CONFLICT (stream_id) DO NOTHING;
+    IF NOT FOUND THEN
+        v_body := tally_rejection('asset_exists', format('asset %s is already defined', v_code));
+        PERFORM tally_record_command(v_key, v_fingerprint, v_context, 'asset_exists', v_body, v_stream, NULL);
+        RETURN QUERY SELECT 'asset_exists', v_body::text, false;
+        RETURN;
+    END IF;
+    v_event := tally_append_event(v_stream, 1, tally_genesis_hash(), v_event_id, 'AssetDefined', v_data,
+                                  v_context, v_now);
+    UPDATE streams SET last_hash = v_event.o_hash WHERE stream_id = v_stream;
+    v_body := v_data || jsonb_build_object('created_at', tally_timestamp_text(v_now),
+                                           'consistency_token', v_event.o_token);
+    PERFORM tally_record_command(v_key, v_fingerprint, v_context, 'accepted', v_body, v_stream, v_event_id);
+    RETURN QUERY SELECT 'accepted', v_body::text, false;
+END $$;

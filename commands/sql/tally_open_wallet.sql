@@ -1,0 +1,45 @@
+-- OpenWallet: creates the stream `wallet:<user_id>` with its WalletOpened event, exactly once per
+-- Idempotency-Key. `p_command` is commands.event_store.CommandRecord as JSON:
+-- {key, fingerprint, context, command: {user_id, metadata}}. Returns the domain outcome
+-- (`accepted` or `wallet_exists`, both recorded and replayed), the response body, and whether it
+-- was replayed.
+CREATE OR REPLACE FUNCTION tally_open_wallet(p_command jsonb)
+RETURNS TABLE (outcome text, body text, replayed boolean) LANGUAGE plpgsql AS $$
+DECLARE
+    v_key text := p_command ->> 'key';
+    v_fingerprint bytea := (p_command ->> 'fingerprint')::bytea;
+    v_context jsonb := (p_command -> 'context') || jsonb_build_object('command_id', v_key);
+    v_user_id text := p_command -> 'command' ->> 'user_id';
+    v_stream text := 'wallet:' || v_user_id;
+    v_now timestamptz := now();
+    v_data jsonb := jsonb_build_object('user_id', v_user_id,
+                                       'metadata', coalesce(p_command -> 'command' -> 'metadata', '{}'));
+    v_event_id uuid := gen_random_uuid();
+    v_prior commands;
+    v_event record;
+    v_body jsonb;
+BEGIN
+    PERFORM tally_lock_command_key(v_key);
+    SELECT * INTO v_prior FROM commands WHERE command_id = v_key;
+    IF FOUND THEN
+        RETURN QUERY SELECT r.outcome, r.body, r.replayed FROM tally_replay(v_prior, v_fingerprint) r;
+        RETURN;
+    END IF;
+    INSERT INTO streams (stream_id, stream_type, version, state, last_hash, created_at, updated_at)
+    VALUES (v_stream, 'wallet', 1, '{"balances": {}}', tally_genesis_hash(), v_now, v_now)
+    ON CONFLICT (stream_id) DO NOTHING;
+    IF NOT FOUND THEN
+        v_body := tally_rejection('wallet_exists', format('a wallet for user %s already exists', v_user_id));
+        PERFORM tally_record_command(v_key, v_fingerprint, v_context, 'wallet_exists', v_body, v_stream, NULL);
+        RETURN QUERY SELECT 'wallet_exists', v_body::text, false;
+        RETURN;
+    END IF;
+    v_event := tally_append_event(v_stream, 1, tally_genesis_hash(), v_event_id, 'WalletOpened', v_data,
+                                  v_context, v_now);
+    UPDATE streams SET last_hash = v_event.o_hash WHERE stream_id = v_stream;
+    v_body := v_data || jsonb_build_object('version', 1, 'balances', '[]'::jsonb,
+                                           'created_at', tally_timestamp_text(v_now),
+                                           'consistency_token', v_event.o_token);
+    PERFORM tally_record_command(v_key, v_fingerprint, v_context, 'accepted', v_body, v_stream, v_event_id);
+    RETURN QUERY SELECT 'accepted', v_body::text, false;
+END $$;

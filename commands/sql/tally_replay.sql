@@ -1,0 +1,14 @@
+-- The answer to a command whose Idempotency-Key is already recorded: the stored outcome and
+-- response, replayed, when the request is the same (same fingerprint); otherwise the key was used
+-- for a different request, which is refused (and not recorded: the key keeps its first outcome).
+CREATE OR REPLACE FUNCTION tally_replay(
+    p_prior commands, p_fingerprint bytea, OUT outcome text, OUT body text, OUT replayed boolean
+) LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN same THEN p_prior.outcome ELSE 'idempotency_key_reused' END,
+           CASE WHEN same THEN p_prior.response::text
+                ELSE tally_rejection('idempotency_key_reused',
+                                     'this Idempotency-Key was used for a different request')::text
+           END,
+           same
+      FROM (SELECT p_prior.fingerprint = p_fingerprint AS same) s
+$$;

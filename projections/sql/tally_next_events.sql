@@ -1,0 +1,20 @@
+-- The next events a projection may apply: only those whose writing transaction has finished
+-- (writer_xid below the xmin of the current snapshot), in (writer_xid, global_position) order,
+-- after a two-part checkpoint. Reading by global_position alone would skip, forever, an event whose
+-- transaction commits after a later-numbered one was read: positions are drawn at insert, not at
+-- commit. Proven by tests/integration/test_projector.py.
+--
+-- Consequence: events of one stream may come out of version order (a transaction's id is assigned
+-- at its first write, before it waits for a wallet's lock), so every projection is
+-- order-insensitive: balances add deltas (they commute), versions keep the greatest, history rows
+-- are keyed by (user_id, wallet_version), and each wallet row counts the events applied to it so
+-- that a read can tell a complete wallet from one with a gap (projections/queries.py).
+CREATE OR REPLACE FUNCTION tally_next_events(p_after_xid xid8, p_after_position bigint, p_limit int)
+RETURNS SETOF events LANGUAGE sql STABLE AS $$
+    SELECT *
+      FROM events
+     WHERE writer_xid < pg_snapshot_xmin(pg_current_snapshot())
+       AND (writer_xid, global_position) > (p_after_xid, p_after_position)
+     ORDER BY writer_xid, global_position
+     LIMIT p_limit
+$$;
