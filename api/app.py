@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import importlib.resources
 import logging
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -58,7 +59,9 @@ def create_app(settings: Settings, *, run_projector: bool = False) -> Litestar:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        pool = await create_pool(url, settings, "tally-api")
+        # Named per process, as the projector is: operators (and the two-server race test) can tell
+        # in pg_stat_activity which API process a session belongs to.
+        pool = await create_pool(url, settings, f"tally-api:{os.getpid()}")
         stop = asyncio.Event()
         waker = ProjectorWaker(pool)
         watcher = ProjectionWatcher(pool, url)

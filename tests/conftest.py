@@ -10,6 +10,7 @@ it in ``foreign_events``."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import sys
@@ -148,17 +149,17 @@ def _free_port() -> int:
         return port
 
 
-@pytest.fixture
-async def live_server(db_url: str) -> AsyncIterator[LiveServer]:
-    """`tally serve --projector` as its own process on a free loopback port, for what needs a real
-    server: signals, and a browser loading the docs page."""
+@contextlib.asynccontextmanager
+async def serving(db_url: str, *, projector: bool = True) -> AsyncIterator[LiveServer]:
+    """`tally serve` (with ``--projector`` unless told otherwise) as its own process on a free
+    loopback port; stopped (SIGTERM) on the way out."""
     port = _free_port()
     env = {
         **os.environ, "DATABASE_URL": db_url, "HOST": "127.0.0.1", "PORT": str(port),
         "TALLY_LOG_LEVEL": "warning", "TALLY_PROJECTOR_POLL_INTERVAL": "0.2",
     }  # fmt: skip
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "api.cli", "serve", "--projector", env=env
+        sys.executable, "-m", "api.cli", "serve", *(["--projector"] if projector else []), env=env
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -178,6 +179,21 @@ async def live_server(db_url: str) -> AsyncIterator[LiveServer]:
         if process.returncode is None:
             process.terminate()
             await process.wait()
+
+
+@pytest.fixture
+async def live_server(db_url: str) -> AsyncIterator[LiveServer]:
+    """A real server process, for what needs one: signals, and a browser loading the docs page."""
+    async with serving(db_url) as server:
+        yield server
+
+
+@pytest.fixture
+async def two_servers(db_url: str) -> AsyncIterator[tuple[LiveServer, LiveServer]]:
+    """Two API processes on one database (the first also runs the projector), as behind a load
+    balancer."""
+    async with serving(db_url) as first, serving(db_url, projector=False) as second:
+        yield first, second
 
 
 @pytest.fixture
