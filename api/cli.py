@@ -149,16 +149,22 @@ async def _rebuild(url: str, names: list[str], restart: bool, batch: int) -> Non
 
 
 async def _balances(url: str, moment_text: str, output: str) -> None:
-    from projections.as_of import Moment, balances_as_of
+    from projections.as_of import Moment, balances_as_of, uncounted_as_of
 
     moment = Moment.parse(moment_text)
     conn = await asyncpg.connect(url)
     try:
         balances = await balances_as_of(conn, moment)
+        uncounted = await uncounted_as_of(conn, moment)
     finally:
         await conn.close()
+    if uncounted:
+        print(f"tally: {uncounted} events of a type this release has no rule for are not counted "
+              "(tally verify names them)", file=sys.stderr)  # fmt: skip
     if output == "json":
-        document = {"as_of": moment.describe(), "balances": balances}
+        document: dict[str, object] = {"as_of": moment.describe(), "balances": balances}
+        if uncounted:
+            document["uncounted_events"] = uncounted
         print(msgspec.json.format(msgspec.json.encode(document), indent=2).decode())
     elif output == "csv":
         writer = csv.writer(sys.stdout)

@@ -148,7 +148,7 @@ async def _numbered(conn: asyncpg.Connection, directory: Path) -> list[str]:
     for version, name, sql in discover(directory):
         if version in applied and applied[version] == (name, checksum(sql)):
             continue
-        if name == BASELINE and _at_baseline(applied, version):
+        if name == BASELINE and applied.get(version, ("",))[0] != BASELINE and _at_baseline(applied, version):
             continue
         if version in applied:
             raise MigrationError(

@@ -17,6 +17,7 @@ from domain.commands import (
 )
 from domain.errors import (
     ACCEPTED,
+    RECORDED_OUTCOMES,
     REJECTIONS,
     AssetExists,
     AssetNotFound,
@@ -51,6 +52,7 @@ __all__ = [
     "FLOWS_BY_KIND",
     "MAX_AMOUNT",
     "MAX_BIGINT",
+    "RECORDED_OUTCOMES",
     "REJECTIONS",
     "AssetDefined",
     "AssetExists",

@@ -2,7 +2,7 @@
 
 A transaction command is tagged with its flow's kind (``"kind": "spend"`` when encoded), so the
 write side receives exactly what the caller asked, kind included, and nothing it would have to
-re-check: the legs come from the flows table (domain/flows.py, commands/sql/tally_flow_legs.sql).
+re-check: the legs come from the flows table (domain/flows.py, commands/sql/tally_legs.sql).
 """
 
 from __future__ import annotations

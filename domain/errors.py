@@ -13,6 +13,9 @@ class DomainError(Exception):
     """A command the ledger refuses. ``extra`` holds machine-readable details for the caller."""
 
     code: ClassVar[str] = "domain_error"
+    # A decision on the ledger's state, recorded under the key and replayed; the others (not-found,
+    # key reuse) are refused without writing anything, so the key stays free.
+    recorded: ClassVar[bool] = True
 
     def __init__(self, detail: str, **extra: Any) -> None:
         super().__init__(detail)
@@ -41,16 +44,19 @@ class AssetExists(DomainError):
 
 class WalletNotFound(DomainError):
     code = "wallet_not_found"
+    recorded = False
 
 
 class AssetNotFound(DomainError):
     code = "asset_not_found"
+    recorded = False
 
 
 class IdempotencyKeyReused(DomainError):
     """The Idempotency-Key was first used for a different request (method, path, body)."""
 
     code = "idempotency_key_reused"
+    recorded = False
 
 
 REJECTIONS: Final[dict[str, type[DomainError]]] = {
@@ -60,3 +66,5 @@ REJECTIONS: Final[dict[str, type[DomainError]]] = {
         IdempotencyKeyReused,
     )
 }  # fmt: skip
+# The outcomes a command's row may hold (migrations/0006: commands_outcome_recorded).
+RECORDED_OUTCOMES: Final = (ACCEPTED, *(code for code, cls in REJECTIONS.items() if cls.recorded))

@@ -2,7 +2,7 @@
 
 ``tally migrate`` writes them into the ``flows`` table and refuses to change one that is already
 there (history depends on it); the SQL decider computes every transaction's legs from that table
-(commands/sql/tally_flow_legs.sql) and ``tally verify`` checks every stored transaction against it.
+(commands/sql/tally_legs.sql) and ``tally verify`` checks every stored transaction against it.
 
 A flow moves credits between the user's wallet and one system account: ``user_sign`` times the amount to
 the user, the opposite to the system account. So every transaction balances, and credits are

@@ -139,10 +139,10 @@ async def wallet_history(
 ) -> TransactionPage:
     """Newest first, keyset-paged on the wallet version (stable under concurrent appends)."""
     rows = await pool.fetch(_HISTORY, user_id, asset, decode_cursor(cursor), limit + 1)
+    if rows and not rows[0]["complete"]:  # (its opening may be the event still missing)
+        raise WalletIncomplete(user_id)
     if not rows or not rows[0]["opened"]:
         raise WalletNotFound(f"no wallet for user {user_id}")
-    if not rows[0]["complete"]:
-        raise WalletIncomplete(user_id)
     if rows[0]["transaction_id"] is None:  # the wallet has no transactions (on this page)
         rows = []
     items = [_transaction(r) for r in rows[:limit]]

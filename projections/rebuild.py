@@ -57,15 +57,27 @@ class RebuildResult(msgspec.Struct, frozen=True, kw_only=True):
 Progress = Callable[[str, int, int], None]
 
 
+_SHAPE = """
+SELECT string_agg(table_name || '.' || column_name || ' ' || data_type, ', '
+                  ORDER BY table_name, ordinal_position)
+  FROM information_schema.columns WHERE table_schema = $1 AND table_name = ANY($2::text[])
+"""
+
+
 def _schema(name: str) -> str:
     return f"rm_rebuild_{name}"
 
 
 async def _prepare(conn: asyncpg.Connection, name: str, restart: bool) -> bool:
-    """Create the rebuild schema with empty copies; True when an interrupted rebuild is resumed."""
+    """Create the rebuild schema with empty copies; True when an interrupted rebuild is resumed.
+    One is resumed only when its copies have exactly the live tables' columns (found in review: a
+    rebuild interrupted before a release added a table would have written to the live one through
+    the search path); otherwise it starts over."""
     schema = _schema(name)
-    exists = await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", schema)
-    if exists and not restart:
+    tables = [*TABLES[name], "projection_checkpoints"]
+    copies: str | None = await conn.fetchval(_SHAPE, schema, tables)
+    live: str = await conn.fetchval(_SHAPE, "public", tables)
+    if copies == live and not restart:
         return True
     async with conn.transaction():
         await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")

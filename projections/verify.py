@@ -19,7 +19,7 @@ from typing import Final
 import asyncpg
 import msgspec
 
-from domain import ACCEPTED, REJECTIONS
+from domain import ACCEPTED, MAX_AMOUNT, RECORDED_OUTCOMES
 
 FINDINGS_PER_CHECK: Final = 1000
 
@@ -58,8 +58,16 @@ _FINDING_FIELDS = ("check", "detail", "stream_id", "stream_version", "global_pos
 
 # Every check dispatches on the event type: a transaction event is one whose type is a flow's (the
 # flows table, written from domain/flows.py); AssetDefined and WalletOpened are the other known
-# types; anything else is named by `unknown_event_type` and is no transaction.
+# types (projections/sql/tally_event_kind.sql); anything else is named by `unknown_event_type` and
+# is no transaction.
 _TRANSACTIONS = "events e JOIN flows f ON f.event_type = e.event_type"
+# A transaction's amount as a bigint, or NULL when it is not a whole number a bigint holds (so that
+# a check meets a tampered amount as a finding, not as an error that stops verify).
+# (Nested CASEs: SQL guarantees their order of evaluation, not that of AND.)
+_AMOUNT = """(CASE WHEN jsonb_typeof(e.data -> 'amount') = 'number' THEN
+                CASE WHEN (e.data ->> 'amount')::numeric = trunc((e.data ->> 'amount')::numeric)
+                      AND abs((e.data ->> 'amount')::numeric) <= 9223372036854775807
+                     THEN (e.data ->> 'amount')::numeric::bigint END END)"""
 
 # The user's leg of every transaction event, with the running balance it leaves, per wallet and
 # asset in version order: the replay that the balance checks compare against.
@@ -78,8 +86,8 @@ SELECT e.stream_id, e.stream_version, e.global_position, e.data ->> 'asset' AS a
 _UP_TO = """(SELECT e.* FROM projection_checkpoints cp, events e
              WHERE cp.name = '{name}'
                AND (e.writer_xid, e.global_position) <= (cp.last_xid, cp.last_position))"""
-_OUTCOMES = ", ".join(f"'{code}'" for code in (ACCEPTED, *REJECTIONS))  # an SQL list of literals
-_OUTCOME_NAMES = "/".join((ACCEPTED, *REJECTIONS))
+_OUTCOMES = ", ".join(f"'{code}'" for code in RECORDED_OUTCOMES)  # an SQL list of literals
+_OUTCOME_NAMES = "/".join(RECORDED_OUTCOMES)
 _LIMIT = f"LIMIT {FINDINGS_PER_CHECK + 1}"
 
 CHECKS: Final[list[tuple[str, str, str]]] = [
@@ -89,10 +97,20 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
         f"""SELECT 'unknown_event_type', 'no rule for an event of type ' || e.event_type || ' on this stream',
                    e.stream_id, e.stream_version, e.global_position,
                    'AssetDefined on asset:, WalletOpened or a flow''s event type on wallet:', e.event_type
-              FROM events e LEFT JOIN flows f ON f.event_type = e.event_type
-             WHERE NOT ((e.event_type = 'AssetDefined' AND e.stream_id LIKE 'asset:%')
-                     OR ((e.event_type = 'WalletOpened' OR f.kind IS NOT NULL)
-                         AND e.stream_id LIKE 'wallet:%'))
+              FROM (SELECT e.*, tally_event_kind(e.event_type) AS kind FROM events e) e
+             WHERE NOT ((e.kind = 'asset' AND e.stream_id LIKE 'asset:%')
+                     OR (e.kind IN ('wallet', 'transaction') AND e.stream_id LIKE 'wallet:%'))
+                OR e.kind IS NULL
+             ORDER BY e.global_position {_LIMIT}""",
+    ),
+    (
+        "amount_out_of_range",
+        f"every transaction moves a whole amount from 1 to {MAX_AMOUNT:,}",
+        f"""SELECT 'amount_out_of_range', 'transaction ' || (e.data ->> 'transaction_id')
+                   || ' moves an amount outside 1..{MAX_AMOUNT}', e.stream_id, e.stream_version,
+                   e.global_position, '1..{MAX_AMOUNT}', coalesce(e.data ->> 'amount', 'none')
+              FROM {_TRANSACTIONS}
+             WHERE {_AMOUNT} IS NULL OR {_AMOUNT} NOT BETWEEN 1 AND {MAX_AMOUNT}
              ORDER BY e.global_position {_LIMIT}""",
     ),
     (
@@ -125,7 +143,7 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
                    jsonb_build_object('kind', f.kind, 'entries', x.legs)::text,
                    jsonb_build_object('kind', e.data -> 'kind', 'entries', e.data -> 'entries')::text
               FROM {_TRANSACTIONS},
-                   tally_flow_legs(f.kind, substr(e.stream_id, 8), (e.data ->> 'amount')::bigint) x
+                   LATERAL (SELECT tally_legs(f, substr(e.stream_id, 8), {_AMOUNT}) AS legs) x
              WHERE e.data ->> 'kind' IS DISTINCT FROM f.kind OR e.data -> 'entries' IS DISTINCT FROM x.legs
              ORDER BY e.global_position {_LIMIT}""",
     ),
@@ -315,11 +333,11 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
     ),
     (
         "command_outcome",
-        "every command has a domain outcome; an accepted one has exactly its event, a refused one none; "
-        "every event was caused by exactly one command",
-        f"""SELECT 'command_outcome', 'command ' || c.command_id || ' has an outcome no one knows',
-                   c.stream_id, NULL::bigint, NULL::bigint, '{_OUTCOME_NAMES}', c.outcome
-              FROM commands c WHERE c.outcome NOT IN ({_OUTCOMES})
+        "every command has a recorded domain outcome; an accepted one has exactly its event, a refused "
+        "one none; every event was caused by exactly one command",
+        f"""SELECT 'command_outcome', 'command ' || c.command_id || ' has no outcome a command records',
+                   c.stream_id, NULL::bigint, NULL::bigint, '{_OUTCOME_NAMES}', coalesce(c.outcome, 'none')
+              FROM commands c WHERE c.outcome IS NULL OR c.outcome NOT IN ({_OUTCOMES})
             UNION ALL
             SELECT 'command_outcome', 'accepted command ' || c.command_id || ' has no event', c.stream_id,
                    NULL, NULL, coalesce(c.event_id::text, 'an event id'), 'no such event'

@@ -7,25 +7,31 @@
 --
 -- `p_commands` is a JSON array of commands.event_store.CommandRecord:
 -- {key, fingerprint, context, command: {kind, user_id, asset, amount, reference, metadata,
--- expected_version}}, read by field name into tally_transaction_command (adding a field touches
--- that type and the Python that fills it). Python sends only what the caller asked: the legs come
--- from the flows table (tally_flow_legs).
+-- expected_version}}, read by field name (tally_transaction_commands below: adding a field touches
+-- its column list and the Python that fills it). Python sends only what the caller asked: the legs
+-- come from the kind's row in the flows table (tally_legs).
 --
 -- Returns one row per command, in request order: the domain outcome (`accepted`,
 -- `insufficient_funds`, `version_mismatch`, `wallet_not_found`, `asset_not_found`,
 -- `idempotency_key_reused`), the response body, and whether it was replayed.
 --
 -- Rules that keep a batch safe:
--- * Two passes. Pass 1, in ascending key-hash order, takes each key's advisory lock
---   (tally_lock_command_key) and answers replays and the rejections that are not recorded; pass 2,
---   in ascending wallet order (request order within one wallet), locks each wallet row, decides,
---   appends and records. Every batch takes its locks in these two orders, and a batch waiting for a
---   key (pass 1) holds no wallet lock yet, so batches cannot deadlock each other (a review found
---   that claiming keys in wallet order could). Proven by tests/integration/test_group_commit.py.
+-- * Two passes. Pass 1, in ascending key order, answers replays and the rejections that are not
+--   recorded, and claims every other key (tally_claim_command); pass 2, in ascending wallet order
+--   (request order within one wallet), locks each wallet row, decides, appends and records. Every
+--   batch takes its locks in these two orders, and a batch waiting for a key (pass 1) holds no
+--   wallet lock yet, so batches cannot deadlock each other (a review found that claiming keys in
+--   wallet order could). Proven by tests/integration/test_group_commit.py.
+-- * The amount must be 1 to 10^15 (domain/values.py, MAX_AMOUNT) and every field the caller must
+--   give must be there: the HTTP API refuses anything else first, so a command that gets here
+--   without them is a programming error, and the whole batch is refused.
 -- * A key recorded before replays its stored outcome; a key repeated within the batch gets the
---   outcome of its first occurrence, marked replayed (or idempotency_key_reused if its request
---   differs). Unknown assets and wallets are refused without writing anything, so the key stays
---   free; streams are never removed, so such a check stays true until commit.
+--   outcome of its first claimed occurrence, marked replayed (or idempotency_key_reused if its
+--   request differs). Unknown assets and wallets are refused without a record, so the key stays
+--   free for a later, valid request; but the refused command claims its key like any other and lets
+--   it go only at the end, so no other transaction uses the key meanwhile and every batch has its
+--   place in one serial order (found by tests/integration/test_model_based.py, which stages
+--   concurrent batches). Streams are never removed, so an existence check stays true until commit.
 -- * insufficient_funds and version_mismatch are decisions on the ledger's state: recorded and
 --   replayed like a success. A user's balance never goes below zero.
 -- * Only the user's wallet row is locked: the system legs (treasury, bonus, revenue) ride in the
@@ -36,41 +42,41 @@
 -- tests/integration/test_model_based.py drives this function with concurrent batches against a
 -- model of these rules (tests/model.py).
 
-DROP TYPE IF EXISTS tally_transaction_command;
-CREATE TYPE tally_transaction_command AS (
-    key              text,
-    fingerprint      bytea,
-    context          jsonb,
-    kind             text,
-    user_id          text,
-    asset            text,
-    amount           bigint,
-    reference        text,
-    metadata         jsonb,
-    expected_version bigint
-);
+-- The batch's commands, read from the JSON by field name, numbered in request order. Its column
+-- list is the command record's shape: CREATE OR REPLACE cannot change a function's result columns,
+-- so this definition is dropped and made again (nothing in the catalog depends on it).
+DROP FUNCTION IF EXISTS tally_transaction_commands(jsonb);
+CREATE FUNCTION tally_transaction_commands(p_commands jsonb)
+RETURNS TABLE (i int, key text, fingerprint bytea, context jsonb, kind text, user_id text, asset text,
+               amount bigint, reference text, metadata jsonb, expected_version bigint)
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT a.i::int, x.key, x.fingerprint, x.context || jsonb_build_object('command_id', x.key), x.kind,
+           x.user_id, x.asset, x.amount, x.reference, coalesce(x.metadata, '{}'), x.expected_version
+      FROM jsonb_array_elements(p_commands) WITH ORDINALITY AS a(e, i),
+           jsonb_to_record((a.e - 'command') || (a.e -> 'command')) AS x(
+               key text, fingerprint bytea, context jsonb, kind text, user_id text, asset text,
+               amount bigint, reference text, metadata jsonb, expected_version bigint)
+$$;
 
 CREATE OR REPLACE FUNCTION tally_post_transactions(p_commands jsonb)
 RETURNS TABLE (idx int, outcome text, body text, replayed boolean) LANGUAGE plpgsql AS $$
 DECLARE
-    c tally_transaction_command[] := ARRAY(
-        SELECT jsonb_populate_record(NULL::tally_transaction_command, (a.e - 'command') || (a.e -> 'command'))
-          FROM jsonb_array_elements(p_commands) WITH ORDINALITY AS a(e, i)
-         ORDER BY a.i);
-    n int := cardinality(c);
+    n int := jsonb_array_length(p_commands);
     o_outcome text[] := array_fill(NULL::text, ARRAY[n]);
     o_body text[] := array_fill(NULL::text, ARRAY[n]);
     o_replayed boolean[] := array_fill(false, ARRAY[n]);
     o_first int[] := array_fill(NULL::int, ARRAY[n]);  -- a repeated key: its first occurrence
+    o_fingerprint bytea[] := array_fill(NULL::bytea, ARRAY[n]);
     claimed int[] := '{}';                              -- the commands whose keys this call claimed
-    v_last_key text;                                    -- pass 1 goes in key-hash order: a repeated
-    v_last_claim int;                                   -- key follows its first occurrence directly
-    i int;
+    v_last_key text;                                    -- pass 1 goes in key order: a repeated key
+    v_last_claim int;                                   -- follows its first occurrence directly
+    r record;
     v_prior commands;
     v_replay record;
+    v_refusal jsonb;
+    v_let_go text[] := '{}';                            -- keys held only for refused commands
     v_stream streams;
     v_stream_id text;
-    v_flow record;
     v_now timestamptz := now();
     v_balance numeric;
     v_after numeric;
@@ -79,78 +85,96 @@ DECLARE
     v_event_id uuid;
     v_body jsonb;
 BEGIN
-    -- Pass 1, in key-hash order: the key's lock, replays, unrecorded rejections, the claims.
-    FOR i IN SELECT s FROM generate_subscripts(c, 1) AS s
-              ORDER BY tally_command_key_hash(c[s].key), c[s].key COLLATE "C", s
+    -- Pass 1, in key order: replays, and the claim of every other key; refusals of unknown assets
+    -- and wallets claim their key too, and let it go at the end.
+    FOR r IN SELECT * FROM tally_transaction_commands(p_commands) c ORDER BY c.key COLLATE "C", c.i
     LOOP
-        IF c[i].key = v_last_key AND v_last_claim IS NOT NULL THEN
-            o_first[i] := v_last_claim;
+        IF r.key IS NULL OR r.fingerprint IS NULL OR r.kind IS NULL OR r.user_id IS NULL
+           OR r.asset IS NULL OR r.amount IS NULL OR r.amount NOT BETWEEN 1 AND 1000000000000000 THEN
+            RAISE EXCEPTION 'command % of the batch is not a valid transaction command', r.i
+                USING ERRCODE = 'data_exception';
+        END IF;
+        o_fingerprint[r.i] := r.fingerprint;
+        IF r.key IS DISTINCT FROM v_last_key THEN
+            v_last_key := r.key;
+            v_last_claim := NULL;
+            v_prior := NULL;
+            SELECT * INTO v_prior FROM commands WHERE command_id = r.key;
+            IF NOT FOUND THEN
+                v_prior := tally_claim_command(r.key, r.fingerprint, r.context);
+            END IF;
+            IF v_prior.command_id IS NOT NULL THEN  -- recorded before, or by a duplicate that just committed
+                v_replay := tally_replay(v_prior, r.fingerprint);
+                o_outcome[r.i] := v_replay.outcome;
+                o_body[r.i] := v_replay.body;
+                o_replayed[r.i] := v_replay.replayed;
+                CONTINUE;
+            END IF;
+        ELSIF v_last_claim IS NOT NULL THEN  -- a repeat of the claimed key: decided with its first
+            o_first[r.i] := v_last_claim;
+            CONTINUE;
+        ELSIF v_prior.command_id IS NOT NULL THEN  -- a repeat of a recorded key: replays it too
+            v_replay := tally_replay(v_prior, r.fingerprint);
+            o_outcome[r.i] := v_replay.outcome;
+            o_body[r.i] := v_replay.body;
+            o_replayed[r.i] := v_replay.replayed;
             CONTINUE;
         END IF;
-        v_last_key := c[i].key;
-        v_last_claim := NULL;
-        PERFORM tally_lock_command_key(c[i].key);
-        SELECT * INTO v_prior FROM commands WHERE command_id = c[i].key;
-        IF FOUND THEN
-            v_replay := tally_replay(v_prior, c[i].fingerprint);
-            o_outcome[i] := v_replay.outcome;
-            o_body[i] := v_replay.body;
-            o_replayed[i] := v_replay.replayed;
+        -- This call holds the key: this command claims it, or is refused without a record.
+        v_refusal := CASE
+            WHEN NOT EXISTS (SELECT 1 FROM streams WHERE stream_id = 'asset:' || r.asset) THEN
+                tally_rejection('asset_not_found', format('asset %s is not defined', r.asset))
+            WHEN NOT EXISTS (SELECT 1 FROM streams WHERE stream_id = 'wallet:' || r.user_id) THEN
+                tally_rejection('wallet_not_found', format('no wallet for user %s', r.user_id))
+        END;
+        IF v_refusal IS NOT NULL THEN
+            o_outcome[r.i] := v_refusal ->> 'code';
+            o_body[r.i] := v_refusal::text;
+            v_let_go := v_let_go || r.key;
             CONTINUE;
         END IF;
-        IF NOT EXISTS (SELECT 1 FROM streams WHERE stream_id = 'asset:' || c[i].asset) THEN
-            o_outcome[i] := 'asset_not_found';
-            o_body[i] := tally_rejection('asset_not_found', format('asset %s is not defined', c[i].asset))::text;
-            CONTINUE;
-        END IF;
-        IF NOT EXISTS (SELECT 1 FROM streams WHERE stream_id = 'wallet:' || c[i].user_id) THEN
-            o_outcome[i] := 'wallet_not_found';
-            o_body[i] := tally_rejection('wallet_not_found', format('no wallet for user %s', c[i].user_id))::text;
-            CONTINUE;
-        END IF;
-        claimed := claimed || i;
-        v_last_claim := i;
+        v_let_go := array_remove(v_let_go, r.key);
+        claimed := claimed || r.i;
+        v_last_claim := r.i;
     END LOOP;
 
     -- Pass 2, in wallet order: lock, decide, append, record, for every key claimed in pass 1.
-    FOR i IN SELECT x FROM unnest(claimed) AS x ORDER BY c[x].user_id COLLATE "C", x
+    FOR r IN SELECT c.*, f AS flow FROM tally_transaction_commands(p_commands) c
+                                  LEFT JOIN flows f ON f.kind = c.kind
+              WHERE c.i = ANY (claimed) ORDER BY c.user_id COLLATE "C", c.i
     LOOP
-        v_stream_id := 'wallet:' || c[i].user_id;
-        SELECT * INTO STRICT v_stream FROM streams WHERE stream_id = v_stream_id FOR UPDATE;
-        v_event_id := NULL;
-        SELECT * INTO v_flow FROM tally_flow_legs(c[i].kind, c[i].user_id, c[i].amount);
-        IF v_flow.event_type IS NULL THEN
-            RAISE EXCEPTION 'command % asks for a transaction of unknown kind %', c[i].key, c[i].kind
+        IF r.flow IS NULL THEN
+            RAISE EXCEPTION 'command % asks for a transaction of unknown kind %', r.key, r.kind
                 USING ERRCODE = 'data_exception';
         END IF;
-        v_balance := coalesce((v_stream.state -> 'balances' ->> c[i].asset)::numeric, 0);
-        v_after := v_balance + v_flow.user_delta;
-        IF c[i].expected_version IS NOT NULL AND v_stream.version <> c[i].expected_version THEN
-            o_outcome[i] := 'version_mismatch';
+        v_stream_id := 'wallet:' || r.user_id;
+        SELECT * INTO STRICT v_stream FROM streams WHERE stream_id = v_stream_id FOR UPDATE;
+        v_event_id := NULL;
+        v_balance := coalesce((v_stream.state -> 'balances' ->> r.asset)::numeric, 0);
+        v_after := v_balance + (r.flow).user_sign * r.amount;
+        IF r.expected_version IS NOT NULL AND v_stream.version <> r.expected_version THEN
+            o_outcome[r.i] := 'version_mismatch';
             v_body := tally_rejection('version_mismatch',
-                format('wallet %s is at version %s, not %s', c[i].user_id, v_stream.version,
-                       c[i].expected_version),
+                format('wallet %s is at version %s, not %s', r.user_id, v_stream.version, r.expected_version),
                 jsonb_build_object('current_version', v_stream.version));
         ELSIF v_after < 0 THEN
-            o_outcome[i] := 'insufficient_funds';
+            o_outcome[r.i] := 'insufficient_funds';
             v_body := tally_rejection('insufficient_funds',
-                format('wallet %s holds %s %s, less than the %s requested', c[i].user_id, v_balance,
-                       c[i].asset, c[i].amount),
-                jsonb_build_object('balance', v_balance, 'amount', c[i].amount));
+                format('wallet %s holds %s %s, less than the %s requested', r.user_id, v_balance, r.asset,
+                       r.amount),
+                jsonb_build_object('balance', v_balance, 'amount', r.amount));
         ELSE
-            o_outcome[i] := 'accepted';
+            o_outcome[r.i] := 'accepted';
             v_event_id := gen_random_uuid();
             v_data := jsonb_build_object(
-                'transaction_id', v_event_id, 'kind', c[i].kind, 'user_id', c[i].user_id,
-                'asset', c[i].asset, 'amount', c[i].amount, 'entries', v_flow.legs,
-                'reference', c[i].reference, 'metadata', coalesce(c[i].metadata, '{}'),
-                'balance_after', v_after);
+                'transaction_id', v_event_id, 'kind', r.kind, 'user_id', r.user_id, 'asset', r.asset,
+                'amount', r.amount, 'entries', tally_legs(r.flow, r.user_id, r.amount), 'reference', r.reference,
+                'metadata', r.metadata, 'balance_after', v_after);
             v_event := tally_append_event(v_stream_id, v_stream.version + 1, v_stream.last_hash, v_event_id,
-                                          v_flow.event_type, v_data,
-                                          c[i].context || jsonb_build_object('command_id', c[i].key), v_now);
+                                          (r.flow).event_type, v_data, r.context, v_now);
             UPDATE streams
                SET version = v_stream.version + 1,
-                   state = jsonb_set(v_stream.state, ARRAY['balances', c[i].asset], to_jsonb(v_after)),
+                   state = jsonb_set(v_stream.state, ARRAY['balances', r.asset], to_jsonb(v_after)),
                    last_hash = v_event.o_hash,
                    updated_at = v_now
              WHERE stream_id = v_stream_id;
@@ -158,11 +182,12 @@ BEGIN
                                                    'created_at', tally_timestamp_text(v_now),
                                                    'consistency_token', v_event.o_token);
         END IF;
-        PERFORM tally_record_command(c[i].key, c[i].fingerprint,
-                                     c[i].context || jsonb_build_object('command_id', c[i].key),
-                                     o_outcome[i], v_body, v_stream_id, v_event_id);
-        o_body[i] := v_body::text;
+        PERFORM tally_record_outcome(r.key, o_outcome[r.i], v_body, v_stream_id, v_event_id);
+        o_body[r.i] := v_body::text;
     END LOOP;
+
+    -- Nothing is recorded for a refusal: its key's claim goes, at commit, with this transaction.
+    DELETE FROM commands c WHERE c.command_id = ANY (v_let_go) AND c.outcome IS NULL;
 
     FOR i IN 1 .. n LOOP
         idx := i;
@@ -170,14 +195,13 @@ BEGIN
             outcome := o_outcome[i];
             body := o_body[i];
             replayed := o_replayed[i];
-        ELSIF c[i].fingerprint = c[o_first[i]].fingerprint THEN
+        ELSIF o_fingerprint[i] = o_fingerprint[o_first[i]] THEN
             outcome := o_outcome[o_first[i]];
             body := o_body[o_first[i]];
             replayed := true;
         ELSE
             outcome := 'idempotency_key_reused';
-            body := tally_rejection('idempotency_key_reused',
-                                    'this Idempotency-Key was used for a different request')::text;
+            body := tally_key_reused()::text;
             replayed := false;
         END IF;
         RETURN NEXT;

@@ -1,6 +1,8 @@
--- History is append-only: events, command outcomes and flows are never updated, deleted or
--- truncated. These triggers stop anyone who may write the tables (the owner included) from doing
--- it by accident; tally verify's hash chains catch whoever disables them.
+-- History is append-only: events and flows are never updated, deleted or truncated, and a command's
+-- row, once it has its outcome, is never deleted or truncated either (the outcome is written once:
+-- tally_command_outcome_once.sql; a claim without one, never committed, may be let go). These
+-- triggers stop anyone who may write the tables (the owner included) from doing it by accident;
+-- tally verify's hash chains catch whoever disables them.
 -- Proven by tests/integration/test_event_store.py::test_history_cannot_be_changed.
 CREATE OR REPLACE FUNCTION tally_reject_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -12,8 +14,8 @@ CREATE OR REPLACE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON events
     FOR EACH ROW EXECUTE FUNCTION tally_reject_change();
 CREATE OR REPLACE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
     FOR EACH STATEMENT EXECUTE FUNCTION tally_reject_change();
-CREATE OR REPLACE TRIGGER commands_append_only BEFORE UPDATE OR DELETE ON commands
-    FOR EACH ROW EXECUTE FUNCTION tally_reject_change();
+CREATE OR REPLACE TRIGGER commands_append_only BEFORE DELETE ON commands
+    FOR EACH ROW WHEN (OLD.outcome IS NOT NULL) EXECUTE FUNCTION tally_reject_change();
 CREATE OR REPLACE TRIGGER commands_no_truncate BEFORE TRUNCATE ON commands
     FOR EACH STATEMENT EXECUTE FUNCTION tally_reject_change();
 CREATE OR REPLACE TRIGGER flows_append_only BEFORE UPDATE OR DELETE ON flows

@@ -1,9 +1,9 @@
 -- Projection `history`: rm_transactions (one row per transaction event, keyed by its wallet
 -- version) and rm_history_wallets (per wallet: the greatest version applied, how many of its events
 -- were applied, whether it was opened). A history read is complete when `events_applied` equals
--- `version`: it never has to assume which versions are transactions. Dispatches on the event
--- type: WalletOpened and transaction events (a flow's type) count; a transaction event also gets
--- its row; AssetDefined has nothing here; any other type stops the projection.
+-- `version`: it never has to assume which versions are transactions. Dispatches on the event's
+-- kind (tally_event_kind): wallet and transaction events count; a transaction event also gets its
+-- row; an asset event has nothing here; an event of no known kind stops the projection.
 CREATE OR REPLACE FUNCTION tally_project_history(p_limit int)
 RETURNS TABLE (applied int, last_xid text, last_position bigint) LANGUAGE plpgsql AS $$
 DECLARE
@@ -11,16 +11,12 @@ DECLARE
     v_n int;
     v_xid xid8;
     v_pos bigint;
-    v_refused int;
+    v_unknown bigint;
 BEGIN
     SELECT * INTO STRICT cp FROM projection_checkpoints WHERE name = 'history' FOR UPDATE;
     WITH batch AS MATERIALIZED (
-        SELECT e.*, f.kind IS NOT NULL AS is_transaction
+        SELECT e.*, tally_event_kind(e.event_type) AS kind
           FROM tally_next_events(cp.last_xid, cp.last_position, p_limit) e
-          LEFT JOIN flows f ON f.event_type = e.event_type
-    ), refused AS (
-        SELECT tally_refuse_event('history', global_position, stream_id, event_type)
-          FROM batch WHERE NOT is_transaction AND event_type NOT IN ('AssetDefined', 'WalletOpened')
     ), history AS (
         INSERT INTO rm_transactions (transaction_id, user_id, wallet_version, kind, asset, amount,
                                      entries, reference, metadata, balance_after, created_at,
@@ -29,12 +25,12 @@ BEGIN
                (data ->> 'amount')::bigint, data -> 'entries', data ->> 'reference',
                data -> 'metadata', (data ->> 'balance_after')::numeric, recorded_at,
                writer_xid::text || '.' || global_position::text
-          FROM batch WHERE is_transaction
+          FROM batch WHERE kind = 'transaction'
         ON CONFLICT (transaction_id) DO NOTHING
     ), heads AS (
         INSERT INTO rm_history_wallets (user_id, version, events_applied, opened)
         SELECT substr(stream_id, 8), max(stream_version), count(*), bool_or(event_type = 'WalletOpened')
-          FROM batch WHERE event_type = 'WalletOpened' OR is_transaction
+          FROM batch WHERE kind IN ('wallet', 'transaction')
          GROUP BY stream_id
         ON CONFLICT (user_id) DO UPDATE
            SET version = greatest(rm_history_wallets.version, excluded.version),
@@ -44,8 +40,11 @@ BEGIN
     SELECT count(*)::int,
            (array_agg(writer_xid ORDER BY writer_xid DESC, global_position DESC))[1],
            (array_agg(global_position ORDER BY writer_xid DESC, global_position DESC))[1],
-           (SELECT count(*) FROM refused)
-      INTO v_n, v_xid, v_pos, v_refused FROM batch;
+           min(global_position) FILTER (WHERE kind IS NULL)
+      INTO v_n, v_xid, v_pos, v_unknown FROM batch;
+    IF v_unknown IS NOT NULL THEN
+        PERFORM tally_refuse_event('history', v_unknown);
+    END IF;
     IF v_n > 0 THEN
         PERFORM tally_checkpoint_advance('history', v_n, v_xid, v_pos);
     ELSE

@@ -4,6 +4,7 @@ the database equal to those files."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 
@@ -11,7 +12,11 @@ import asyncpg
 import pytest
 
 from api.migrate import MigrationError, definitions, migrate, migrations_dir
+from domain import FLOWS, MAX_AMOUNT, RECORDED_OUTCOMES
+from tests.model import legs
 
+_LEGS = """SELECT tally_legs(f, 'ann', $2)::text AS legs, event_type, user_sign * $2 AS user_delta
+             FROM flows f WHERE kind = $1"""
 _CREATED = re.compile(r"^CREATE (?:OR REPLACE )?(FUNCTION|TRIGGER|TYPE) (\w+)", re.MULTILINE | re.IGNORECASE)
 
 
@@ -91,3 +96,27 @@ async def test_a_written_flow_never_changes(db_url: str) -> None:
             await conn.execute("UPDATE flows SET system_account = 'revenue' WHERE kind = 'spend'")
     finally:
         await conn.close()
+
+
+async def test_the_sql_computes_each_flows_legs(pool: asyncpg.Pool) -> None:
+    """tally_legs, the one computation of legs the decider and verify use, from the flows table that
+    migrate wrote from domain/flows.py: balanced, closed-loop, the flow's accounts."""
+    for flow in FLOWS:
+        for amount in (1, 7, MAX_AMOUNT):
+            row = await pool.fetchrow(_LEGS, flow.kind, amount)
+            assert row is not None
+            assert json.loads(row["legs"]) == legs(flow.kind, "ann", amount)
+            assert (row["event_type"], row["user_delta"]) == (flow.event_type, flow.user_sign * amount)
+            assert sum(leg["amount"] for leg in json.loads(row["legs"])) == 0
+
+
+async def test_a_command_row_holds_only_an_outcome_commands_record(pool: asyncpg.Pool) -> None:
+    constraint = await pool.fetchval(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'commands_outcome_recorded'"
+    )
+    assert sorted(re.findall(r"'(\w+)'", constraint)) == sorted(RECORDED_OUTCOMES)
+    with pytest.raises(asyncpg.CheckViolationError):
+        await pool.execute(
+            "INSERT INTO commands (command_id, fingerprint, metadata, outcome, response) "
+            "VALUES ('k', '\\x00', '{}', 'wallet_not_found', '{}')"
+        )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncpg
 from litestar.testing import AsyncTestClient
 
+from projections.as_of import Moment, uncounted_as_of
 from projections.projector import catch_up
 from projections.status import projection_status
 from projections.verify import verify
@@ -65,6 +66,10 @@ async def test_an_unknown_event_type_is_read_around_and_stops_the_projections(
     # …and the readers of the events themselves: every version, the balances from the transactions.
     as_of = await get_json(client, "/v1/wallets/ann", as_of=later["consistency_token"].split(".")[1])
     assert (as_of["version"], as_of["balances"]) == (4, [{"asset": "GOLD", "balance": 70}])
+    assert as_of["uncounted_events"] == 1  # it says what it did not count
+    async with pool.acquire() as conn:
+        assert await uncounted_as_of(conn, Moment.parse(token.split(".")[1])) == 1
+        assert await uncounted_as_of(conn, Moment.parse(first["consistency_token"].split(".")[1])) == 0
 
     async with pool.acquire() as conn:
         report = await verify(conn)

@@ -13,6 +13,7 @@ import pytest
 from commands import EventStore, handle
 from commands.event_store import _POST_TRANSACTIONS
 from domain import (
+    MAX_AMOUNT,
     IdempotencyKeyReused,
     InsufficientFunds,
     SpendCredits,
@@ -37,7 +38,8 @@ async def test_one_batch_decides_each_command_as_alone(pool: asyncpg.Pool) -> No
     await define_asset(setup)
     for user in ("ann", "ben"):
         await open_wallet(setup, user)
-    # One call at a time: everything queued while it runs goes in the next batch together.
+    # One call at a time: the first call starts when the event loop next runs, and by then all eight
+    # commands are queued, so they go in one batch together.
     store = EventStore(pool, max_in_flight=1)
     calls = [
         handle(store, TopUpCredits(user_id="ben", asset="GOLD", amount=50), ctx("t1", "a")),
@@ -185,3 +187,20 @@ async def test_a_kind_that_is_no_flow_is_refused(pool: asyncpg.Pool) -> None:
         await pool.fetch(_POST_TRANSACTIONS, json.dumps([forged]))
     assert await stream_balance(pool, "alice") == 0
     assert await pool.fetchval("SELECT count(*) FROM commands WHERE command_id = 'F'") == 0
+
+
+async def test_the_decider_refuses_what_the_http_api_would_have(
+    pool: asyncpg.Pool, store: EventStore
+) -> None:
+    """The SQL is the rule: an amount outside 1..10^15 never moves credits, whoever calls (found in
+    review: a spend of -1000 credited the user). Python builds such commands unchecked; the HTTP API
+    refuses them before they get here."""
+    await define_asset(store)
+    await open_wallet(store, "ann")
+    for amount in (0, -1000, MAX_AMOUNT + 1):
+        with pytest.raises(asyncpg.DataError, match="not a valid transaction command"):
+            await handle(store, SpendCredits(user_id="ann", asset="GOLD", amount=amount), ctx())
+    accepted = await handle(store, TopUpCredits(user_id="ann", asset="GOLD", amount=MAX_AMOUNT), ctx())
+    assert json.loads(accepted.body)["balance_after"] == MAX_AMOUNT
+    assert await pool.fetchval("SELECT count(*) FROM commands WHERE outcome IS NULL") == 0
+    assert await stream_balance(pool, "ann") == MAX_AMOUNT

@@ -138,3 +138,29 @@ async def test_a_swap_waits_for_a_running_verify_without_stalling_anything(
     assert result.generation == 2
     await projected(pool)
     await _assert_verified(pool)
+
+
+async def test_an_interrupted_rebuild_with_stale_copies_starts_over(
+    db_url: str, pool: asyncpg.Pool, store: EventStore
+) -> None:
+    """Found in review: a history rebuild interrupted under a release whose history projection had
+    no rm_history_wallets would, resumed, have written that table's rows into the live one (the
+    copies' schema comes first in the search path, the live one second). Copies that are not the
+    live tables' shape are thrown away and the rebuild starts over."""
+    await _ledger(store)
+    await projected(pool)
+    await pool.execute(
+        """CREATE SCHEMA rm_rebuild_history;
+           CREATE TABLE rm_rebuild_history.rm_transactions (LIKE public.rm_transactions INCLUDING ALL);
+           CREATE TABLE rm_rebuild_history.projection_checkpoints
+               (LIKE public.projection_checkpoints INCLUDING ALL);
+           INSERT INTO rm_rebuild_history.projection_checkpoints (name) VALUES ('history')"""
+    )
+    live_heads = await pool.fetch("SELECT * FROM rm_history_wallets ORDER BY user_id")
+
+    result = await rebuild(db_url, "history", batch=4)
+
+    assert not result.resumed
+    assert result.events == 1 + 5 * 4
+    assert await pool.fetch("SELECT * FROM rm_history_wallets ORDER BY user_id") == live_heads
+    await _assert_verified(pool)

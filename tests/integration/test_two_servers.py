@@ -102,15 +102,16 @@ async def test_two_processes_sharing_one_key_apply_it_once(
     await _setup(two_servers[0].url, "dup", 1)
     pids = {s.process.pid for s in two_servers}
 
-    def one_waits_for_the_other(waits: list[asyncpg.Record]) -> bool:
-        claimants = {w["pid"]: _process(w) for w in waits if w["wait_event"] != "advisory"}
-        return any(
-            w["wait_event"] == "advisory" and _process(w) in pids - {process} and pid in w["blockers"]
-            for w in waits
-            for pid, process in claimants.items()
-        )
+    async with holding_wallet(pool, "dup") as holder:
 
-    async with holding_wallet(pool, "dup"):
+        def one_waits_for_the_other(waits: list[asyncpg.Record]) -> bool:
+            claimants = {w["pid"]: _process(w) for w in waits if holder in w["blockers"]}
+            return any(
+                pid in w["blockers"] and _process(w) in pids - {process}
+                for w in waits
+                for pid, process in claimants.items()
+            )
+
         racing = await _send_split(
             two_servers,
             DUPLICATES,

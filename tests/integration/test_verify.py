@@ -161,12 +161,16 @@ async def test_a_rehashed_overdraft_is_still_caught(pool: asyncpg.Pool, store: E
         # A top-up relabelled as a spend: balanced, closed-loop, but not a spend's legs.
         ("UPDATE events SET data = jsonb_set(data, '{kind}', '\"spend\"') "
          "WHERE stream_id = 'wallet:ann' AND stream_version = 2", "legs_do_not_match_kind", "wallet:ann"),
+        # A spend of a negative amount, its legs and balances made to agree: only the amount tells.
+        ("UPDATE events SET data = data || jsonb_build_object('amount', -5) "
+         "WHERE stream_id = 'wallet:ben' AND stream_version = 4", "amount_out_of_range", "wallet:ben"),
         # An accepted command's outcome rewritten as a refusal: its event is still there.
         ("UPDATE commands SET outcome = 'insufficient_funds' WHERE stream_id = 'wallet:ann' "
          "AND event_id = (SELECT event_id FROM events WHERE stream_id = 'wallet:ann' AND stream_version = 3)",
          "command_outcome", "wallet:ann"),
-        ("UPDATE commands SET outcome = 'approved' WHERE command_id = (SELECT min(command_id) FROM commands "
-         "WHERE stream_id = 'wallet:ben')", "command_outcome", "wallet:ben"),
+        # A command left without its outcome (a claim that should never have been committed).
+        ("UPDATE commands SET outcome = NULL, response = NULL WHERE command_id = (SELECT min(command_id) "
+         "FROM commands WHERE stream_id = 'wallet:ben')", "command_outcome", "wallet:ben"),
     ],
 )  # fmt: skip
 async def test_each_disagreement_is_named(

@@ -1,0 +1,25 @@
+-- Step 1 of every command: claim its Idempotency-Key by inserting the command's row, before any
+-- stream is locked. Returns NULL when this transaction now owns the key, or the row recorded under
+-- it before (its outcome is then replayed, tally_replay). A concurrent duplicate blocks on the
+-- primary key inside this INSERT until the owner commits (then it finds the owner's row, complete)
+-- or rolls back (then it owns the key). The row's outcome is written once, by tally_record_outcome
+-- in the same transaction, or, for a command refused without a record (an unknown asset or
+-- wallet), the row is deleted before that transaction commits: no committed row is ever without an
+-- outcome, and the claim held the key until then.
+-- Proven by tests/integration/test_idempotency.py::test_concurrent_duplicates_have_one_effect and
+-- tests/integration/test_two_servers.py.
+CREATE OR REPLACE FUNCTION tally_claim_command(p_command_id text, p_fingerprint bytea, p_metadata jsonb)
+RETURNS commands LANGUAGE plpgsql AS $$
+DECLARE
+    v_prior commands;
+BEGIN
+    INSERT INTO commands (command_id, fingerprint, metadata)
+    VALUES (p_command_id, p_fingerprint, p_metadata)
+    ON CONFLICT (command_id) DO NOTHING;
+    IF FOUND THEN
+        RETURN NULL;
+    END IF;
+    SELECT * INTO STRICT v_prior FROM commands WHERE command_id = p_command_id;
+    RETURN v_prior;
+END $$;
+
