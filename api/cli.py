@@ -154,8 +154,9 @@ async def _balances(url: str, moment_text: str, output: str) -> None:
     moment = Moment.parse(moment_text)
     conn = await asyncpg.connect(url)
     try:
-        balances = await balances_as_of(conn, moment)
-        uncounted = await uncounted_as_of(conn, moment)
+        async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
+            balances = await balances_as_of(conn, moment)
+            uncounted = await uncounted_as_of(conn, moment)
     finally:
         await conn.close()
     if uncounted:

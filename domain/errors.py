@@ -14,7 +14,7 @@ class DomainError(Exception):
 
     code: ClassVar[str] = "domain_error"
     # A decision on the ledger's state, recorded under the key and replayed; the others (not-found,
-    # key reuse) are refused without writing anything, so the key stays free.
+    # key reuse) are refused without a record, so the key stays free for a later, valid request.
     recorded: ClassVar[bool] = True
 
     def __init__(self, detail: str, **extra: Any) -> None:

@@ -6,11 +6,11 @@
 -- before migrating, or a command sent to it meanwhile fails (its retry, with the same
 -- Idempotency-Key, succeeds once this release serves). Its projectors may keep running: the
 -- projection functions keep their names, and from the commit on they run this release's.
--- The locks come first, in the order that release takes them (a command: commands, streams, events;
--- a projection batch: projection_checkpoints, events), so whatever still runs finishes first, none
--- can deadlock with this migration, and no projection batch runs while step 6 counts what the
--- history projection has applied.
-LOCK TABLE commands, streams, projection_checkpoints, events IN ACCESS EXCLUSIVE MODE;
+-- The locks come first, in an order that agrees with that release's (a command: commands, streams,
+-- events; a projection batch and `tally verify`: projection_checkpoints first), so whatever still
+-- runs finishes first and no projection batch runs while step 6 counts what the history projection
+-- has applied. Do not run that release's `tally rebuild` meanwhile (step 5 drops its copies).
+LOCK TABLE projection_checkpoints, commands, streams, events IN ACCESS EXCLUSIVE MODE;
 
 -- 1. The functions of 0001–0005 whose signature or result changes, or that go away, and the
 --    triggers that are renamed: dropped here. Every other function and trigger is redefined in

@@ -29,7 +29,10 @@ SELECT l.account, e.data ->> 'asset' AS asset, sum(l.amount)::text AS balance
  GROUP BY 1, 2
  ORDER BY 2, 1
 """
-_UNCOUNTED = f"SELECT count(*) FROM events e WHERE {_CUT} AND tally_event_kind(e.event_type) IS NULL"
+_UNCOUNTED = f"""
+SELECT count(*) FROM events e LEFT JOIN flows f ON f.event_type = e.event_type
+ WHERE {_CUT} AND tally_event_kind(e.event_type, f.kind IS NOT NULL) IS NULL
+"""
 _WALLET = f"""
 WITH cut AS (SELECT e.* FROM events e WHERE e.stream_id = 'wallet:' || $3 AND {_CUT}),
      legs AS (SELECT c.data ->> 'asset' AS asset, sum(l.amount) AS balance
@@ -38,7 +41,8 @@ WITH cut AS (SELECT e.* FROM events e WHERE e.stream_id = 'wallet:' || $3 AND {_
                GROUP BY 1)
 SELECT (SELECT max(stream_version) FROM cut) AS version,
        coalesce((SELECT jsonb_object_agg(asset, balance) FROM legs), '{{}}')::text AS balances,
-       (SELECT count(*) FROM cut WHERE tally_event_kind(event_type) IS NULL) AS uncounted
+       (SELECT count(*) FROM cut c LEFT JOIN flows f ON f.event_type = c.event_type
+         WHERE tally_event_kind(c.event_type, f.kind IS NOT NULL) IS NULL) AS uncounted
 """
 
 

@@ -19,7 +19,7 @@ from typing import Final
 import asyncpg
 import msgspec
 
-from domain import ACCEPTED, MAX_AMOUNT, RECORDED_OUTCOMES
+from domain import ACCEPTED, MAX_AMOUNT, MAX_BIGINT, RECORDED_OUTCOMES
 
 FINDINGS_PER_CHECK: Final = 1000
 
@@ -61,25 +61,36 @@ _FINDING_FIELDS = ("check", "detail", "stream_id", "stream_version", "global_pos
 # types (projections/sql/tally_event_kind.sql); anything else is named by `unknown_event_type` and
 # is no transaction.
 _TRANSACTIONS = "events e JOIN flows f ON f.event_type = e.event_type"
-# A transaction's amount as a bigint, or NULL when it is not a whole number a bigint holds (so that
-# a check meets a tampered amount as a finding, not as an error that stops verify).
-# (Nested CASEs: SQL guarantees their order of evaluation, not that of AND.)
-_AMOUNT = """(CASE WHEN jsonb_typeof(e.data -> 'amount') = 'number' THEN
-                CASE WHEN (e.data ->> 'amount')::numeric = trunc((e.data ->> 'amount')::numeric)
-                      AND abs((e.data ->> 'amount')::numeric) <= 9223372036854775807
-                     THEN (e.data ->> 'amount')::numeric::bigint END END)"""
+
+
+def _whole(value: str) -> str:
+    """SQL: the jsonb ``value`` as a bigint, or NULL when it is not a whole number a bigint holds, so
+    that a check meets a tampered field as a finding, not as an error that stops verify. (Nested
+    CASEs: SQL guarantees their order of evaluation, not that of AND.)"""
+    number = f"({value} #>> '{{}}')::numeric"
+    return (
+        f"(CASE WHEN jsonb_typeof({value}) = 'number' THEN CASE WHEN {number} = trunc({number}) "
+        f"AND abs({number}) <= {MAX_BIGINT} THEN {number}::bigint END END)"
+    )
+
+
+_AMOUNT = _whole("e.data -> 'amount'")
+# The legs of transaction event `e`, one row each: (account, amount), a malformed amount as NULL.
+_ENTRIES = "CASE WHEN jsonb_typeof(e.data -> 'entries') = 'array' THEN e.data -> 'entries' ELSE '[]' END"
+_LEGS = f"""LATERAL (SELECT leg ->> 'account' AS account, {_whole("leg -> 'amount'")} AS amount
+                      FROM jsonb_array_elements({_ENTRIES}) AS leg) l"""
 
 # The user's leg of every transaction event, with the running balance it leaves, per wallet and
 # asset in version order: the replay that the balance checks compare against.
 _USER_LEGS = f"""
 SELECT e.stream_id, e.stream_version, e.global_position, e.data ->> 'asset' AS asset,
-       (e.data ->> 'balance_after')::numeric AS recorded_after, leg.delta,
+       {_whole("e.data -> 'balance_after'")} AS recorded_after, leg.delta,
        sum(leg.delta) OVER (PARTITION BY e.stream_id, e.data ->> 'asset' ORDER BY e.stream_version)
            AS balance
   FROM {_TRANSACTIONS}
  CROSS JOIN LATERAL (
        SELECT coalesce(sum(l.amount), 0)::numeric AS delta
-         FROM tally_event_legs(e.data) l
+         FROM {_LEGS}
         WHERE l.account = 'user:' || substr(e.stream_id, 8)) leg
 """
 # The events a projection has applied: those up to its checkpoint, in its (writer_xid, position) order.
@@ -97,10 +108,26 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
         f"""SELECT 'unknown_event_type', 'no rule for an event of type ' || e.event_type || ' on this stream',
                    e.stream_id, e.stream_version, e.global_position,
                    'AssetDefined on asset:, WalletOpened or a flow''s event type on wallet:', e.event_type
-              FROM (SELECT e.*, tally_event_kind(e.event_type) AS kind FROM events e) e
+              FROM (SELECT e.*, tally_event_kind(e.event_type, f.kind IS NOT NULL) AS kind
+                      FROM events e LEFT JOIN flows f ON f.event_type = e.event_type) e
              WHERE NOT ((e.kind = 'asset' AND e.stream_id LIKE 'asset:%')
                      OR (e.kind IN ('wallet', 'transaction') AND e.stream_id LIKE 'wallet:%'))
                 OR e.kind IS NULL
+             ORDER BY e.global_position {_LIMIT}""",
+    ),
+    (
+        "malformed_transaction",
+        "every transaction names its asset and records its balance after and its legs (an account and "
+        "a whole amount each) as its type says",
+        f"""SELECT 'malformed_transaction',
+                   'the fields of transaction ' || coalesce(e.data ->> 'transaction_id', '?')
+                   || ' are not those of a ' || e.event_type, e.stream_id, e.stream_version,
+                   e.global_position, 'asset, balance_after and entries', (e.data - 'metadata')::text
+              FROM {_TRANSACTIONS}
+             WHERE jsonb_typeof(e.data -> 'asset') IS DISTINCT FROM 'string'
+                OR jsonb_typeof(e.data -> 'entries') IS DISTINCT FROM 'array'
+                OR {_whole("e.data -> 'balance_after'")} IS NULL
+                OR EXISTS (SELECT 1 FROM {_LEGS} WHERE l.account IS NULL OR l.amount IS NULL)
              ORDER BY e.global_position {_LIMIT}""",
     ),
     (
@@ -119,7 +146,7 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
         f"""SELECT 'unbalanced_transaction', 'entries of transaction ' || (e.data ->> 'transaction_id')
                    || ' do not sum to zero', e.stream_id, e.stream_version, e.global_position, '0',
                    sum(l.amount)::text
-              FROM {_TRANSACTIONS}, tally_event_legs(e.data) l
+              FROM {_TRANSACTIONS}, {_LEGS}
              GROUP BY e.global_position
             HAVING sum(l.amount) <> 0
              ORDER BY e.global_position {_LIMIT}""",
@@ -130,7 +157,7 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
         f"""SELECT 'foreign_user_leg', 'transaction moves another user''s account ' || l.account,
                    e.stream_id, e.stream_version, e.global_position, 'user:' || substr(e.stream_id, 8),
                    l.account
-              FROM {_TRANSACTIONS}, tally_event_legs(e.data) l
+              FROM {_TRANSACTIONS}, {_LEGS}
              WHERE l.account LIKE 'user:%' AND l.account <> 'user:' || substr(e.stream_id, 8)
              ORDER BY e.global_position {_LIMIT}""",
     ),
@@ -152,7 +179,7 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
         "each asset's balances sum to zero",
         f"""SELECT 'asset_not_zero_sum', 'the balances of ' || (e.data ->> 'asset') || ' sum to '
                    || sum(l.amount), NULL::text, NULL::bigint, NULL::bigint, '0', sum(l.amount)::text
-              FROM {_TRANSACTIONS}, tally_event_legs(e.data) l
+              FROM {_TRANSACTIONS}, {_LEGS}
              GROUP BY e.data ->> 'asset'
             HAVING sum(l.amount) <> 0 {_LIMIT}""",
     ),
@@ -242,7 +269,7 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
         f"""WITH replay AS (
                 SELECT substr(l.account, 6) AS user_id, e.data ->> 'asset' AS asset, sum(l.amount) AS balance
                   FROM {_UP_TO.format(name="wallets")} e
-                  JOIN flows f ON f.event_type = e.event_type, tally_event_legs(e.data) l
+                  JOIN flows f ON f.event_type = e.event_type, {_LEGS}
                  WHERE l.account LIKE 'user:%'
                  GROUP BY 1, 2)
             SELECT 'read_model_balances', 'rm_balances of ' || coalesce(r.asset, b.asset)
@@ -291,15 +318,16 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
             SELECT 'read_model_history', 'rm_transactions differs from the event', coalesce(r.stream_id,
                    'wallet:' || t.user_id), coalesce(r.stream_version, t.wallet_version), r.global_position,
                    coalesce(jsonb_build_object('user_id', r.data ->> 'user_id', 'amount',
-                            (r.data ->> 'amount')::bigint, 'balance_after', r.data -> 'balance_after',
+                            r.data -> 'amount', 'balance_after', r.data -> 'balance_after',
                             'entries', r.data -> 'entries', 'version', r.stream_version)::text, 'absent'),
                    coalesce(jsonb_build_object('user_id', t.user_id, 'amount', t.amount, 'balance_after',
                             t.balance_after, 'entries', t.entries, 'version', t.wallet_version)::text,
                             'absent')
               FROM replay r FULL JOIN rm_transactions t ON t.transaction_id = r.event_id
              WHERE r.event_id IS NULL OR t.transaction_id IS NULL
-                OR t.user_id <> r.data ->> 'user_id' OR t.amount <> (r.data ->> 'amount')::bigint
-                OR t.balance_after <> (r.data ->> 'balance_after')::numeric
+                OR t.user_id <> r.data ->> 'user_id'
+                OR t.amount IS DISTINCT FROM {_whole("r.data -> 'amount'")}
+                OR t.balance_after IS DISTINCT FROM {_whole("r.data -> 'balance_after'")}
                 OR t.entries <> r.data -> 'entries' OR t.wallet_version <> r.stream_version
             UNION ALL
             SELECT 'read_model_history', 'rm_history_wallets differs from the replay',
@@ -322,7 +350,7 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
                             ELSE substr(l.account, 8) END AS account,
                        sum(l.amount) AS balance
                   FROM {_UP_TO.format(name="system")} e
-                  JOIN flows f ON f.event_type = e.event_type, tally_event_legs(e.data) l
+                  JOIN flows f ON f.event_type = e.event_type, {_LEGS}
                  GROUP BY 1, 2)
             SELECT 'read_model_system', 'rm_system_balances ' || coalesce(r.asset, s.asset) || '/'
                    || coalesce(r.account, s.account) || ' differs from the replay', NULL, NULL, NULL,

@@ -1,6 +1,6 @@
 -- Step 1 of every command: claim its Idempotency-Key by inserting the command's row, before any
 -- stream is locked. Returns NULL when this transaction now owns the key, or the row recorded under
--- it before (its outcome is then replayed, tally_replay). A concurrent duplicate blocks on the
+-- it before (its outcome is then replayed, tally_replay): one statement when the key is new. A concurrent duplicate blocks on the
 -- primary key inside this INSERT until the owner commits (then it finds the owner's row, complete)
 -- or rolls back (then it owns the key). The row's outcome is written once, by tally_record_outcome
 -- in the same transaction, or, for a command refused without a record (an unknown asset or

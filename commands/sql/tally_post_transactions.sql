@@ -16,12 +16,12 @@
 -- `idempotency_key_reused`), the response body, and whether it was replayed.
 --
 -- Rules that keep a batch safe:
--- * Two passes. Pass 1, in ascending key order, answers replays and the rejections that are not
---   recorded, and claims every other key (tally_claim_command); pass 2, in ascending wallet order
---   (request order within one wallet), locks each wallet row, decides, appends and records. Every
---   batch takes its locks in these two orders, and a batch waiting for a key (pass 1) holds no
---   wallet lock yet, so batches cannot deadlock each other (a review found that claiming keys in
---   wallet order could). Proven by tests/integration/test_group_commit.py.
+-- * Two passes. Pass 1, in ascending key order, claims every key (tally_claim_command), answers
+--   replays and the refusals that are not recorded; pass 2, in ascending wallet order (request
+--   order within one wallet), locks each wallet row, decides, appends and records. Every batch
+--   takes its locks in these two orders, and a batch waiting for a key (pass 1) holds no wallet
+--   lock yet, so batches cannot deadlock each other (a review found that claiming keys in wallet
+--   order could). Proven by tests/integration/test_group_commit.py.
 -- * The amount must be 1 to 10^15 (domain/values.py, MAX_AMOUNT) and every field the caller must
 --   give must be there: the HTTP API refuses anything else first, so a command that gets here
 --   without them is a programming error, and the whole batch is refused.
@@ -29,9 +29,10 @@
 --   outcome of its first claimed occurrence, marked replayed (or idempotency_key_reused if its
 --   request differs). Unknown assets and wallets are refused without a record, so the key stays
 --   free for a later, valid request; but the refused command claims its key like any other and lets
---   it go only at the end, so no other transaction uses the key meanwhile and every batch has its
---   place in one serial order (found by tests/integration/test_model_based.py, which stages
---   concurrent batches). Streams are never removed, so an existence check stays true until commit.
+--   it go only at the end, so no other transaction uses the key meanwhile, and concurrent batches
+--   have one serial order (found by tests/integration/test_model_based.py, which stages concurrent
+--   batches). The existence checks read what is committed, unlocked: a wallet opened while a batch
+--   runs may be seen or not. Streams are never removed, so a wallet seen stays there until commit.
 -- * insufficient_funds and version_mismatch are decisions on the ledger's state: recorded and
 --   replayed like a success. A user's balance never goes below zero.
 -- * Only the user's wallet row is locked: the system legs (treasury, bonus, revenue) ride in the
@@ -98,11 +99,7 @@ BEGIN
         IF r.key IS DISTINCT FROM v_last_key THEN
             v_last_key := r.key;
             v_last_claim := NULL;
-            v_prior := NULL;
-            SELECT * INTO v_prior FROM commands WHERE command_id = r.key;
-            IF NOT FOUND THEN
-                v_prior := tally_claim_command(r.key, r.fingerprint, r.context);
-            END IF;
+            v_prior := tally_claim_command(r.key, r.fingerprint, r.context);
             IF v_prior.command_id IS NOT NULL THEN  -- recorded before, or by a duplicate that just committed
                 v_replay := tally_replay(v_prior, r.fingerprint);
                 o_outcome[r.i] := v_replay.outcome;

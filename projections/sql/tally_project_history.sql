@@ -15,8 +15,9 @@ DECLARE
 BEGIN
     SELECT * INTO STRICT cp FROM projection_checkpoints WHERE name = 'history' FOR UPDATE;
     WITH batch AS MATERIALIZED (
-        SELECT e.*, tally_event_kind(e.event_type) AS kind
+        SELECT e.*, tally_event_kind(e.event_type, f.kind IS NOT NULL) AS kind
           FROM tally_next_events(cp.last_xid, cp.last_position, p_limit) e
+          LEFT JOIN flows f ON f.event_type = e.event_type
     ), history AS (
         INSERT INTO rm_transactions (transaction_id, user_id, wallet_version, kind, asset, amount,
                                      entries, reference, metadata, balance_after, created_at,
@@ -40,7 +41,7 @@ BEGIN
     SELECT count(*)::int,
            (array_agg(writer_xid ORDER BY writer_xid DESC, global_position DESC))[1],
            (array_agg(global_position ORDER BY writer_xid DESC, global_position DESC))[1],
-           min(global_position) FILTER (WHERE kind IS NULL)
+           (array_agg(global_position ORDER BY writer_xid, global_position) FILTER (WHERE kind IS NULL))[1]
       INTO v_n, v_xid, v_pos, v_unknown FROM batch;
     IF v_unknown IS NOT NULL THEN
         PERFORM tally_refuse_event('history', v_unknown);

@@ -13,8 +13,9 @@ DECLARE
 BEGIN
     SELECT * INTO STRICT cp FROM projection_checkpoints WHERE name = 'system' FOR UPDATE;
     WITH batch AS MATERIALIZED (
-        SELECT e.*, tally_event_kind(e.event_type) AS kind
+        SELECT e.*, tally_event_kind(e.event_type, f.kind IS NOT NULL) AS kind
           FROM tally_next_events(cp.last_xid, cp.last_position, p_limit) e
+          LEFT JOIN flows f ON f.event_type = e.event_type
     ), deltas AS (
         SELECT b.data ->> 'code' AS asset, acct.account, 0::numeric AS delta
           FROM batch b, (SELECT system_account FROM flows UNION SELECT 'users') AS acct (account)
@@ -34,7 +35,7 @@ BEGIN
     SELECT count(*)::int,
            (array_agg(writer_xid ORDER BY writer_xid DESC, global_position DESC))[1],
            (array_agg(global_position ORDER BY writer_xid DESC, global_position DESC))[1],
-           min(global_position) FILTER (WHERE kind IS NULL)
+           (array_agg(global_position ORDER BY writer_xid, global_position) FILTER (WHERE kind IS NULL))[1]
       INTO v_n, v_xid, v_pos, v_unknown FROM batch;
     IF v_unknown IS NOT NULL THEN
         PERFORM tally_refuse_event('system', v_unknown);

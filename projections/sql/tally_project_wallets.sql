@@ -16,8 +16,9 @@ BEGIN
     -- The row lock makes a second projector wait here and then start after this batch.
     SELECT * INTO STRICT cp FROM projection_checkpoints WHERE name = 'wallets' FOR UPDATE;
     WITH batch AS MATERIALIZED (
-        SELECT e.*, tally_event_kind(e.event_type) AS kind
+        SELECT e.*, tally_event_kind(e.event_type, f.kind IS NOT NULL) AS kind
           FROM tally_next_events(cp.last_xid, cp.last_position, p_limit) e
+          LEFT JOIN flows f ON f.event_type = e.event_type
     ), assets AS (
         INSERT INTO rm_assets (code, name, decimals, created_at)
         SELECT data ->> 'code', data ->> 'name', (data ->> 'decimals')::int, recorded_at
@@ -46,7 +47,7 @@ BEGIN
     SELECT count(*)::int,
            (array_agg(writer_xid ORDER BY writer_xid DESC, global_position DESC))[1],
            (array_agg(global_position ORDER BY writer_xid DESC, global_position DESC))[1],
-           min(global_position) FILTER (WHERE kind IS NULL)
+           (array_agg(global_position ORDER BY writer_xid, global_position) FILTER (WHERE kind IS NULL))[1]
       INTO v_n, v_xid, v_pos, v_unknown FROM batch;
     IF v_unknown IS NOT NULL THEN
         PERFORM tally_refuse_event('wallets', v_unknown);

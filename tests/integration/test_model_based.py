@@ -13,8 +13,10 @@ looks for an order of the step's batches in which the model gives every command 
 outcome the database gave: the outcome code, whether it was replayed, the entries, the balance
 after and the wallet version of an accepted command, the figures of a refused one, and for a
 replay, byte for byte the body first given under that key. Then every wallet's balances and
-version must equal the model's. Strict two-phase locking (every lock a batch takes is held to its
-commit) is what makes such an order exist; a lost update, a doubled effect or a deadlock fails.
+version must equal the model's. Such an order exists because every key and wallet a batch uses is
+locked until its commit, and the wallets and assets it checks exist before the step (batches
+create no streams); a lost update, a doubled effect, a deadlock or an answer given while another
+batch held its key fails.
 """
 
 from __future__ import annotations
