@@ -6,7 +6,7 @@
 -- it; tests/integration/test_definitions.py checks it for every flow. A plain expression, so it is
 -- inlined where it is called: no query per transaction.
 CREATE OR REPLACE FUNCTION tally_legs(p_flow flows, p_user_id text, p_amount bigint) RETURNS jsonb
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT jsonb_build_array(
                jsonb_build_object('account', 'system:' || p_flow.system_account,
                                   'amount', -p_flow.user_sign * p_amount),

@@ -50,7 +50,7 @@ DROP FUNCTION IF EXISTS tally_transaction_commands(jsonb);
 CREATE FUNCTION tally_transaction_commands(p_commands jsonb)
 RETURNS TABLE (i int, key text, fingerprint bytea, context jsonb, kind text, user_id text, asset text,
                amount bigint, reference text, metadata jsonb, expected_version bigint)
-LANGUAGE sql IMMUTABLE AS $$
+LANGUAGE sql STABLE AS $$
     SELECT a.i::int, x.key, x.fingerprint, x.context || jsonb_build_object('command_id', x.key), x.kind,
            x.user_id, x.asset, x.amount, x.reference, coalesce(x.metadata, '{}'), x.expected_version
       FROM jsonb_array_elements(p_commands) WITH ORDINALITY AS a(e, i),

@@ -5,7 +5,7 @@
 -- refused loudly rather than replayed as nothing.
 CREATE OR REPLACE FUNCTION tally_replay(
     p_prior commands, p_fingerprint bytea, OUT outcome text, OUT body text, OUT replayed boolean
-) LANGUAGE plpgsql IMMUTABLE AS $$
+) LANGUAGE plpgsql STABLE AS $$
 BEGIN
     IF p_prior.outcome IS NULL OR p_prior.response IS NULL THEN
         RAISE EXCEPTION 'command % is recorded without its outcome', p_prior.command_id
@@ -17,6 +17,6 @@ BEGIN
 END $$;
 
 -- The refusal of a key used again for a different request (within a batch too).
-CREATE OR REPLACE FUNCTION tally_key_reused() RETURNS jsonb LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+CREATE OR REPLACE FUNCTION tally_key_reused() RETURNS jsonb LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT tally_rejection('idempotency_key_reused', 'this Idempotency-Key was used for a different request')
 $$;
