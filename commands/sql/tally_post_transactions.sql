@@ -130,7 +130,14 @@ BEGIN
             v_let_go := v_let_go || r.key;
             CONTINUE;
         END IF;
-        v_let_go := array_remove(v_let_go, r.key);
+        IF r.key = ANY (v_let_go) THEN
+            -- An earlier occurrence, refused, claimed the key with its own request: the claim is
+            -- this command's now (found by the model-based test: the outcome had been recorded
+            -- under the refused request's fingerprint).
+            DELETE FROM commands c WHERE c.command_id = r.key AND c.outcome IS NULL;
+            PERFORM tally_claim_command(r.key, r.fingerprint, r.context);
+            v_let_go := array_remove(v_let_go, r.key);
+        END IF;
         claimed := claimed || r.i;
         v_last_claim := r.i;
     END LOOP;

@@ -204,3 +204,23 @@ async def test_the_decider_refuses_what_the_http_api_would_have(
     assert json.loads(accepted.body)["balance_after"] == MAX_AMOUNT
     assert await pool.fetchval("SELECT count(*) FROM commands WHERE outcome IS NULL") == 0
     assert await stream_balance(pool, "ann") == MAX_AMOUNT
+
+
+async def test_a_key_refused_then_claimed_within_a_batch_records_the_claimants_request(
+    pool: asyncpg.Pool, store: EventStore
+) -> None:
+    """Found by the model-based test: a key's first occurrence is refused (no such wallet) and a
+    later one, another request, claims it; the outcome must be recorded under the later request,
+    so that a retry of it replays and a retry of the refused one is told the key was reused."""
+    await define_asset(store)
+    await open_wallet(store, "ann")
+    refused = record(TopUpCredits(user_id="nobody", asset="GOLD", amount=5), "K", "the refused request")
+    claimant = record(TopUpCredits(user_id="ann", asset="GOLD", amount=7), "K", "the claimant's request")
+    rows = await run_batch(pool, refused, claimant)
+    assert [(r["outcome"], r["replayed"]) for r in rows] == [("wallet_not_found", False), ("accepted", False)]
+
+    [again] = await run_batch(pool, claimant)
+    assert (again["outcome"], again["replayed"], again["body"]) == ("accepted", True, rows[1]["body"])
+    [other] = await run_batch(pool, refused)
+    assert (other["outcome"], other["replayed"]) == ("idempotency_key_reused", False)
+    assert await stream_balance(pool, "ann") == 7

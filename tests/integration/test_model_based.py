@@ -217,7 +217,7 @@ def test_the_sql_decider_agrees_with_the_model_under_concurrent_batches(db_url: 
     run_state_machine_as_test(
         machine,
         settings=settings(
-            max_examples=40,
+            max_examples=60,
             stateful_step_count=12,
             deadline=None,
             suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
