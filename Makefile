@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/tally migrate
 	$(BIN)/tally seed
+	$(BIN)/tally keys dev
 	TALLY_LOG_FORMAT=$${TALLY_LOG_FORMAT:-console} exec $(BIN)/tally serve --projector
 
 test: $(STAMP)

@@ -14,16 +14,20 @@ import asyncpg
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.prometheus import PrometheusConfig
 from litestar.static_files import create_static_files_router
 
+from api.auth import Authenticator, BearerAuthentication, require_scope
 from api.controllers import AssetController, SystemController, TransactionController, WalletController
 from api.database import create_pool
 from api.errors import EXCEPTION_HANDLERS
 from api.health import health_live, health_ready, metrics
 from api.observability import request_id_middleware
+from api.ratelimit import RateLimiter
 from api.settings import Settings
 from commands import EventStore
 from projections.projector import Projector, ProjectorWaker
@@ -35,10 +39,14 @@ DESCRIPTION = """
 Tally is the ledger of record for virtual credits. Every movement is a balanced double-entry
 transaction stored as immutable events. Amounts are integers in minor units.
 
-Every POST needs an `Idempotency-Key` header: a retry with the same key replays the first outcome
-(header `Idempotent-Replayed: true`). Command responses carry a `consistency_token`; pass it to any
-query as `consistent_with` to read your own writes. Errors are RFC 9457 problem+json with a stable
-`code`.
+Every call but `/health/*` (and this page) needs an API key, sent as `Authorization: Bearer <secret>`
+(the Authorize button above); each operation names the scope it needs. Keys are made with
+`tally keys create`.
+
+Every POST needs an `Idempotency-Key` header, in the calling client's own namespace: a retry with
+the same key replays the first outcome (header `Idempotent-Replayed: true`). Command responses
+carry a `consistency_token`; pass it to any query as `consistent_with` to read your own writes.
+Errors are RFC 9457 problem+json with a stable `code`.
 """
 
 
@@ -75,6 +83,7 @@ def create_app(settings: Settings, *, run_projector: bool = False) -> Litestar:
                 )  # fmt: skip
                 tasks.append(asyncio.create_task(projector.run(stop), name="projector"))
             app.state.pool = pool
+            app.state.authenticator = Authenticator(pool)
             app.state.store = EventStore(
                 pool, on_append=waker.poke, max_in_flight=settings.command_concurrency
             )
@@ -114,9 +123,15 @@ def create_app(settings: Settings, *, run_projector: bool = False) -> Litestar:
                 path=DOCS_ASSETS_PATH, directories=[swagger_ui_assets()], include_in_schema=False
             ),
         ],
-        middleware=[request_id_middleware, prometheus.middleware],
+        middleware=[
+            request_id_middleware,
+            prometheus.middleware,
+            # Health checks (opt exclude_from_auth) are open; so are the docs unless configured not.
+            DefineMiddleware(BearerAuthentication, exclude=["^/docs"] if settings.docs_public else None),
+        ],
+        guards=[require_scope],
         lifespan=[lifespan],
-        state=State({"settings": settings}),
+        state=State({"settings": settings, "rate_limiter": RateLimiter(settings.rate_limit)}),
         dependencies={
             "pool": Provide(provide_pool, sync_to_thread=False),
             "store": Provide(provide_store, sync_to_thread=False),
@@ -129,6 +144,16 @@ def create_app(settings: Settings, *, run_projector: bool = False) -> Litestar:
             version="0.1.0",
             description=DESCRIPTION,
             path="/docs",
+            components=Components(
+                security_schemes={
+                    "bearer": SecurityScheme(
+                        type="http",
+                        scheme="bearer",
+                        description="An API key's secret (`tally_sk_...`), from `tally keys create`.",
+                    )
+                }
+            ),
+            security=[{"bearer": []}],
             # Served from the app itself (swagger-ui-py packages Swagger UI), so the docs page works
             # on a network with no internet access.
             render_plugins=[

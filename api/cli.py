@@ -1,5 +1,6 @@
-"""``tally``: migrate, seed, serve, projector. Reads DATABASE_URL, HOST, PORT and TALLY_* from the
-environment (see README, "Configuration"); with DATABASE_URL unset it runs an embedded PostgreSQL."""
+"""``tally``: migrate, seed, serve, projector, keys, verify, rebuild, balances. Reads DATABASE_URL,
+HOST, PORT and TALLY_* from the environment (see README, "Configuration"); with DATABASE_URL unset it
+runs an embedded PostgreSQL."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import asyncpg
 import msgspec
 
 from api.database import create_pool, database_url
+from api.keys import ClientInfo, CreatedKey
 from api.migrate import MigrationError, migrate
 from api.observability import configure_logging
 from api.settings import Settings, SettingsError, load_settings
@@ -206,6 +208,65 @@ async def _projections(url: str, action: str, name: str | None, as_json: bool) -
     return 0
 
 
+def _print_key(key: CreatedKey, as_json: bool, verb: str) -> None:
+    if as_json:
+        print(msgspec.json.encode(key).decode())
+        return
+    assets = ", ".join(key.assets) if key.assets is not None else "every asset"
+    print(f"client {key.name} {verb} (id {key.id}): scopes {', '.join(key.scopes)}; {assets}"
+          + (f"; expires {key.expires_at:%Y-%m-%d %H:%M}Z" if key.expires_at else ""))  # fmt: skip
+    print("secret (shown once; keep it in a secret store):")
+    print(key.secret)
+
+
+def _print_clients(clients: list[ClientInfo], as_json: bool) -> None:
+    if as_json:
+        print(msgspec.json.format(msgspec.json.encode(clients), indent=2).decode())
+        return
+    print(f"{'name':<24} {'state':<8} {'secrets':>7}  {'rate/s':>6}  {'scopes':<40} assets")
+    for c in clients:
+        state = "revoked" if c.revoked_at else "expired" if c.live_secrets == 0 and c.expires_at else "active"
+        print(f"{c.name:<24} {state:<8} {c.live_secrets:>7}  {c.rate_limit or '-':>6}  "
+              f"{','.join(c.scopes):<40} {','.join(c.assets) if c.assets is not None else '*'}")  # fmt: skip
+
+
+async def _keys(url: str, args: argparse.Namespace, settings: Settings) -> int:
+    from api import keys
+
+    conn = await asyncpg.connect(url, server_settings={"application_name": "tally-keys"})
+    try:
+        if args.action == "create":
+            created = await keys.create_client(
+                conn, args.name, keys.parse_scopes(args.scopes), assets=keys.parse_assets(args.assets),
+                rate_limit=args.rate_limit, expires_in_days=args.expires_in,
+            )  # fmt: skip
+            _print_key(created, args.json, "created")
+        elif args.action == "list":
+            _print_clients(await keys.list_clients(conn), args.json)
+        elif args.action == "revoke":
+            info = await keys.revoke_client(conn, args.name)
+            print(f"client {info.name} revoked at {info.revoked_at:%Y-%m-%d %H:%M:%S}Z: its secrets fail "
+                  "on every API process within seconds")  # fmt: skip
+        elif args.action == "rotate":
+            rotated = await keys.rotate_client(conn, args.name, args.grace)
+            _print_key(rotated, args.json, f"rotated (the previous secret works for {args.grace:g} s more)")
+        else:
+            path = settings.data_dir / "development-key"
+            kept = path.read_text().strip() if path.exists() else None
+            secret = await keys.development_key(conn, kept)
+            if secret != kept:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch(mode=0o600, exist_ok=True)
+                path.write_text(secret + "\n")
+            print(f"Development API key (all scopes): {secret}")
+    except keys.KeysError as exc:
+        print(f"tally keys: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await conn.close()
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tally", description="Tally, the wallet ledger")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -233,7 +294,34 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     resume = projections_sub.add_parser("resume", help="retry a projection stopped by a poison event")
     resume.add_argument("name", choices=["wallets", "history", "system"])
+    _keys_parser(sub.add_parser("keys", help="API clients: create, list, revoke, rotate"))
     return parser
+
+
+def _keys_parser(keys: argparse.ArgumentParser) -> None:
+    from api.auth import SCOPES
+
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="a new client; prints its secret once")
+    create.add_argument("name", help="the client's name: 1-64 characters of [A-Za-z0-9._-]")
+    create.add_argument("--scopes", required=True, metavar="SCOPE[,SCOPE...]", help=", ".join(SCOPES))
+    create.add_argument("--assets", metavar="CODE[,CODE...]", help="only these assets (default: every asset)")
+    create.add_argument(
+        "--rate-limit", type=int, metavar="N", help="requests per second (default TALLY_RATE_LIMIT)"
+    )
+    create.add_argument(
+        "--expires-in", type=float, metavar="DAYS", help="the client's keys expire after this"
+    )
+    create.add_argument("--json", action="store_true", help="print one JSON object")
+    listing = actions.add_parser("list", help="every client (never a secret)")
+    listing.add_argument("--json", action="store_true")
+    revoke = actions.add_parser("revoke", help="every secret of the client fails from now on")
+    revoke.add_argument("name")
+    rotate = actions.add_parser("rotate", help="a new secret; the old one works until the grace ends")
+    rotate.add_argument("name")
+    rotate.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS", help="default 3600")
+    rotate.add_argument("--json", action="store_true")
+    actions.add_parser("dev", help="the development client's key (make run), made once under TALLY_DATA_DIR")
 
 
 def _dispatch(args: argparse.Namespace, url: str, settings: Settings) -> int:
@@ -254,6 +342,8 @@ def _dispatch(args: argparse.Namespace, url: str, settings: Settings) -> int:
         asyncio.run(_rebuild(url, names, args.restart, args.batch))
     elif command == "balances":
         asyncio.run(_balances(url, args.as_of, args.output or "table"))
+    elif command == "keys":
+        return asyncio.run(_keys(url, args, settings))
     else:
         return asyncio.run(
             _projections(url, args.action, getattr(args, "name", None), getattr(args, "json", False))

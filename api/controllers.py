@@ -17,6 +17,7 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, PathParameter, QueryParameter
 
+from api.auth import Principal, scoped
 from api.dto import DefineAssetRequest, MoveCreditsRequest, OpenWalletRequest, Problem, StrictBody
 from api.errors import IdempotencyKeyMissing, InvalidRequest
 from api.observability import COMMANDS, REQUEST_ID
@@ -84,11 +85,12 @@ UserIdPath = Annotated[str, PathParameter(pattern=USER_ID_PATTERN, description="
 
 
 def _problems(*statuses: int) -> dict[int, ResponseSpec]:
+    """Problem responses of a route that needs a key: these, and 401, 403 and 429."""
     return {
         s: ResponseSpec(
             Problem, description="application/problem+json", media_type="application/problem+json"
         )
-        for s in statuses
+        for s in sorted({*statuses, 401, 403, 429})
     }
 
 
@@ -98,10 +100,12 @@ def _command_context(
     body: msgspec.Struct,
     expected_version: int | None = None,
 ) -> CommandContext:
-    """The idempotency record's identity: the key, and a fingerprint of method, path, the canonical
-    body (the decoded body encoded again: field order and defaults fixed) and the expected version
-    (a retry must be the same request to replay; `"3"` and `3` in If-Match are the same
-    precondition)."""
+    """The idempotency record's identity: the calling client (whose namespace the key is in), the
+    key, and a fingerprint of method, path, the canonical body (the decoded body encoded again:
+    field order and defaults fixed) and the expected version (a retry must be the same request to
+    replay; `"3"` and `3` in If-Match are the same precondition). The SQL binds the fingerprint to
+    the client before storing it (tally_fingerprint)."""
+    principal: Principal = request.user
     if key is None:
         raise IdempotencyKeyMissing("every POST needs an Idempotency-Key header")
     if not _IDEMPOTENCY_KEY.fullmatch(key):
@@ -113,9 +117,15 @@ def _command_context(
     metadata = {"path": request.url.path}
     if request_id := REQUEST_ID.get():
         metadata["request_id"] = request_id
-    if client := request.headers.get("user-agent"):
-        metadata["client"] = client[:128]
-    return CommandContext(command_id=key, fingerprint=fingerprint, metadata=metadata)
+    if user_agent := request.headers.get("user-agent"):
+        metadata["user_agent"] = user_agent[:128]
+    return CommandContext(
+        command_id=key,
+        client_id=principal.client_id,
+        created_by=principal.name,
+        fingerprint=fingerprint,
+        metadata=metadata,
+    )
 
 
 def _expected_version(if_match: str | None) -> int | None:
@@ -133,7 +143,13 @@ def _record(kind: str, ctx: CommandContext, outcome: str, **fields: str | None) 
         "command %s %s",
         kind,
         outcome,
-        extra={"kind": kind, "idempotency_key": ctx.command_id, "outcome": outcome, **fields},
+        extra={
+            "kind": kind,
+            "client": ctx.created_by,
+            "idempotency_key": ctx.command_id,
+            "outcome": outcome,
+            **fields,
+        },
     )
 
 
@@ -192,6 +208,7 @@ class AssetController(Controller):
         responses=_problems(400, 409, 422),
         dto=StrictBody[DefineAssetRequest],
         return_dto=None,
+        **scoped("assets:write"),
     )
     async def define_asset(
         self,
@@ -200,11 +217,12 @@ class AssetController(Controller):
         store: Store,
         idempotency_key: IdempotencyKey = None,
     ) -> Response[Asset]:
+        request.user.require_asset(data.code)
         ctx = _command_context(request, idempotency_key, data)
         command = DefineAsset(code=data.code, name=data.name, decimals=data.decimals)
         return await _command("define_asset", store, command, ctx, Asset)
 
-    @get(summary="List assets", responses=_problems(400, 503))
+    @get(summary="List assets", responses=_problems(400, 503), **scoped("ledger:read"))
     async def list_assets(
         self, state: State, pool: Pool, consistent_with: ConsistentWith = None
     ) -> AssetList:
@@ -213,7 +231,7 @@ class AssetController(Controller):
 
 
 def _transaction_route(
-    command_type: type[TransactionCommand], segment: str, summary: str
+    command_type: type[TransactionCommand], segment: str, scope: str, summary: str
 ) -> HTTPRouteHandler:
     """POST /v1/wallets/{user_id}/<segment>: one implementation for every flow, each with its own
     OpenAPI operation (named after its command, as Litestar named the hand-written ones)."""
@@ -230,6 +248,7 @@ def _transaction_route(
         idempotency_key: IdempotencyKey = None,
         if_match: IfMatch = None,
     ) -> Response[Transaction]:
+        request.user.require_asset(data.asset)
         version = _expected_version(if_match)
         ctx = _command_context(request, idempotency_key, data, version)
         command = command_type(user_id=user_id, expected_version=version, **msgspec.structs.asdict(data))
@@ -244,6 +263,7 @@ def _transaction_route(
         operation_id=f"V1WalletsUserId{segment_id}{command_type.__name__}",
         dto=StrictBody[MoveCreditsRequest],
         return_dto=None,
+        **scoped(scope),
     )(post_transaction)
 
 
@@ -257,6 +277,7 @@ class WalletController(Controller):
         responses=_problems(400, 409, 422),
         dto=StrictBody[OpenWalletRequest],
         return_dto=None,
+        **scoped("wallets:write"),
     )
     async def open_wallet(
         self,
@@ -273,6 +294,7 @@ class WalletController(Controller):
         "/{user_id:str}",
         summary="A wallet's balances and version, now or as of a past moment",
         responses=_problems(400, 404, 503),
+        **scoped("ledger:read"),
     )
     async def get_wallet(
         self,
@@ -298,14 +320,19 @@ class WalletController(Controller):
         wallet = await _complete(state, lambda: queries.get_wallet(pool, user_id))
         return Response(wallet, headers={"ETag": f'"{wallet.version}"'})
 
-    top_up_credits = _transaction_route(TopUpCredits, "top-ups", "Top up (treasury to user)")
-    grant_bonus = _transaction_route(GrantBonus, "bonuses", "Grant a bonus (bonus pool to user)")
-    spend_credits = _transaction_route(SpendCredits, "spends", "Spend (user to revenue)")
+    top_up_credits = _transaction_route(
+        TopUpCredits, "top-ups", "credits:top-up", "Top up (treasury to user)"
+    )
+    grant_bonus = _transaction_route(
+        GrantBonus, "bonuses", "credits:bonus", "Grant a bonus (bonus pool to user)"
+    )
+    spend_credits = _transaction_route(SpendCredits, "spends", "credits:spend", "Spend (user to revenue)")
 
     @get(
         "/{user_id:str}/transactions",
         summary="A wallet's transactions, newest first",
         responses=_problems(400, 404, 503),
+        **scoped("ledger:read"),
     )
     async def wallet_history(
         self,
@@ -345,7 +372,12 @@ class TransactionController(Controller):
     path = "/v1/transactions"
     tags = ["transactions"]
 
-    @get("/{transaction_id:str}", summary="One transaction", responses=_problems(400, 404, 503))
+    @get(
+        "/{transaction_id:str}",
+        summary="One transaction",
+        responses=_problems(400, 404, 503),
+        **scoped("ledger:read"),
+    )
     async def get_transaction(
         self,
         state: State,
@@ -365,6 +397,7 @@ class SystemController(Controller):
         "/balances",
         summary="System accounts and users' total per asset (sums to zero)",
         responses=_problems(400, 503),
+        **scoped("ledger:read"),
     )
     async def system_balances(
         self, state: State, pool: Pool, consistent_with: ConsistentWith = None

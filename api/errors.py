@@ -14,6 +14,8 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.plugins.problem_details import ProblemDetailsException
 from litestar.types import ExceptionHandlersMap
 
+from api.auth import Forbidden, Unauthenticated
+from api.ratelimit import RateLimited
 from domain import DomainError
 from projections.queries import TransactionNotFound
 from projections.watcher import ProjectionTimeout
@@ -26,6 +28,8 @@ PROBLEM_TYPE_BASE: Final = "https://tally.dev/problems/"
 STATUS_BY_CODE: Final = {
     "invalid_request": 400,
     "idempotency_key_missing": 400,
+    "unauthenticated": 401,
+    "forbidden": 403,
     "wallet_not_found": 404,
     "asset_not_found": 404,
     "transaction_not_found": 404,
@@ -36,6 +40,7 @@ STATUS_BY_CODE: Final = {
     "asset_exists": 409,
     "version_mismatch": 412,
     "idempotency_key_reused": 422,
+    "rate_limited": 429,
     "projection_timeout": 503,
     "internal_error": 500,
 }
@@ -87,6 +92,18 @@ def _coded(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     return problem(request, getattr(exc, "code", "invalid_request"), str(exc))
 
 
+def _unauthenticated(request: Request[Any, Any, Any], exc: Unauthenticated) -> Response[Any]:
+    return problem(request, exc.code, str(exc), headers={"WWW-Authenticate": 'Bearer realm="tally"'})
+
+
+def _forbidden(request: Request[Any, Any, Any], exc: Forbidden) -> Response[Any]:
+    return problem(request, exc.code, str(exc), extra=exc.extra)
+
+
+def _rate_limited(request: Request[Any, Any, Any], exc: RateLimited) -> Response[Any]:
+    return problem(request, exc.code, str(exc), headers={"Retry-After": str(exc.retry_after)})
+
+
 def _validation(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
     extra = {"errors": exc.extra} if exc.extra else None
     return problem(request, "invalid_request", str(exc.detail), extra=extra)
@@ -109,6 +126,9 @@ def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
 
 EXCEPTION_HANDLERS: Final[ExceptionHandlersMap] = {
     DomainError: _domain_error,
+    Unauthenticated: _unauthenticated,
+    Forbidden: _forbidden,
+    RateLimited: _rate_limited,
     IdempotencyKeyMissing: _coded,
     InvalidRequest: _coded,
     TransactionNotFound: _coded,

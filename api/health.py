@@ -7,10 +7,11 @@ from typing import Any
 
 import asyncpg
 import msgspec
-from litestar import Response, get
+from litestar import Request, Response, get
 from litestar.datastructures import State
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from api.auth import Authenticator, Unauthenticated, scoped
 from api.observability import (
     POOL_CONNECTIONS,
     PROJECTION_LAG_EVENTS,
@@ -30,12 +31,17 @@ class CheckStatus(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     seconds_behind: float | None = None
 
 
-class Readiness(msgspec.Struct, frozen=True, kw_only=True):
+class Readiness(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     status: str  # "ready" or "unavailable"
-    checks: dict[str, CheckStatus]
+    # Only for a key with the scope metrics:read: platform health checks send no key.
+    checks: dict[str, CheckStatus] | None = None
 
 
-@get("/health/live", tags=["health"], summary="The process is up")
+# Open routes: the authentication middleware lets them through, and OpenAPI says they need no key.
+_OPEN_OPT: dict[str, Any] = {"exclude_from_auth": True}
+
+
+@get("/health/live", tags=["health"], summary="The process is up", opt=_OPEN_OPT, security=[{}])
 async def health_live() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -59,9 +65,12 @@ def _projection_check(status: ProjectionStatus, max_lag: float) -> CheckStatus:
     "/health/ready",
     tags=["health"],
     summary="The database answers and every projection is running within the allowed lag",
+    description="Open to anyone; the checks' details only to a key with the scope `metrics:read`.",
     responses={},
+    opt=_OPEN_OPT,
+    security=[{}],
 )
-async def health_ready(state: State) -> Response[Readiness]:
+async def health_ready(request: Request[Any, Any, Any], state: State) -> Response[Readiness]:
     pool: asyncpg.Pool = state.pool
     settings: Settings = state.settings
     checks: dict[str, CheckStatus] = {}
@@ -75,8 +84,23 @@ async def health_ready(state: State) -> Response[Readiness]:
         for status in statuses:
             checks[f"projection:{status.name}"] = _projection_check(status, settings.ready_max_lag_seconds)
     ready = all(c.status == "ok" for c in checks.values())
-    body = Readiness(status="ready" if ready else "unavailable", checks=checks)
+    body = Readiness(
+        status="ready" if ready else "unavailable",
+        checks=checks if await _may_see_details(request, state) else None,
+    )
     return Response(body, status_code=200 if ready else 503)
+
+
+async def _may_see_details(request: Request[Any, Any, Any], state: State) -> bool:
+    authorization = request.headers.get("authorization")
+    if authorization is None:
+        return False
+    authenticator: Authenticator = state.authenticator
+    try:
+        principal = await asyncio.wait_for(authenticator.authenticate(authorization), _DATABASE_TIMEOUT)
+    except (Unauthenticated, TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        return False
+    return principal.allows("metrics:read")
 
 
 async def _refresh_gauges(state: State) -> None:
@@ -90,7 +114,7 @@ async def _refresh_gauges(state: State) -> None:
         PROJECTION_STOPPED.labels(status.name).set(0 if status.error is None else 1)
 
 
-@get("/metrics", include_in_schema=False)
+@get("/metrics", include_in_schema=False, **scoped("metrics:read"))
 async def metrics(state: State) -> Response[Any]:
     """Prometheus text format: Litestar's request metrics, command outcomes, projection lag, pool."""
     await _refresh_gauges(state)

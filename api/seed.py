@@ -1,5 +1,6 @@
 """Demo data for ``make run``. Idempotent by construction: every command carries a fixed
-Idempotency-Key, so a second run replays the first run's outcomes and adds nothing."""
+Idempotency-Key, in the namespace of the client ``tally-seed`` (made by migrations/0007_clients.sql;
+it holds no secret), so a second run replays the first run's outcomes and adds nothing."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import msgspec
 
 from commands import CommandContext, EventStore, handle
 from domain import Command, DefineAsset, DomainError, GrantBonus, OpenWallet, SpendCredits, TopUpCredits
+from domain.values import SEED_CLIENT
 
 DEMO_ASSETS: tuple[Command, ...] = (
     DefineAsset(code="GOLD", name="Gold coins", decimals=0),
@@ -33,7 +35,7 @@ def _ctx(key: str, command: msgspec.Struct) -> CommandContext:
         "SEED", key, msgspec.json.encode(msgspec.structs.asdict(command))
     )
     return CommandContext(
-        command_id=f"seed:{key}", fingerprint=fingerprint, metadata={"client": "tally seed"}
+        command_id=f"seed:{key}", client_id=SEED_CLIENT, created_by="tally-seed", fingerprint=fingerprint
     )
 
 

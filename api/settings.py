@@ -18,7 +18,7 @@ ENVIRONMENT_VARIABLES = (
     "TALLY_COMMAND_CONCURRENCY",
     "TALLY_CONSISTENCY_TIMEOUT", "TALLY_PROJECTOR_BATCH_SIZE", "TALLY_PROJECTOR_POLL_INTERVAL",
     "TALLY_IDLE_IN_TRANSACTION_TIMEOUT_MS", "TALLY_LOG_LEVEL", "TALLY_LOG_FORMAT",
-    "TALLY_READY_MAX_LAG_SECONDS", "TALLY_MIGRATIONS_DIR",
+    "TALLY_READY_MAX_LAG_SECONDS", "TALLY_MIGRATIONS_DIR", "TALLY_DOCS_PUBLIC", "TALLY_RATE_LIMIT",
 )  # fmt: skip
 
 
@@ -50,6 +50,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_format: str = "json"
     # /health/ready answers 503 when a projection is stopped or further behind than this.
     ready_max_lag_seconds: float = 60.0
+    # The docs page and the OpenAPI document are served without a key unless this is false.
+    docs_public: bool = True
+    # Requests per second per client for clients created without --rate-limit; None: unlimited.
+    rate_limit: int | None = None
 
 
 def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], default: T) -> T:
@@ -93,6 +97,13 @@ def _log_format(raw: str) -> str:
     return value
 
 
+def _boolean(raw: str) -> bool:
+    value = raw.lower()
+    if value not in {"true", "false", "1", "0", "yes", "no"}:
+        raise ValueError("must be true or false")
+    return value in {"true", "1", "yes"}
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build the settings from ``env`` (default: the process environment), failing loudly."""
     env = os.environ if env is None else env
@@ -120,6 +131,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ready_max_lag_seconds=_parse(
             env, "TALLY_READY_MAX_LAG_SECONDS", _positive(float), d.ready_max_lag_seconds
         ),
+        docs_public=_parse(env, "TALLY_DOCS_PUBLIC", _boolean, d.docs_public),
+        rate_limit=_parse(env, "TALLY_RATE_LIMIT", _positive(int), d.rate_limit),
     )
     if settings.pool_min_size > settings.pool_max_size:
         raise SettingsError("TALLY_POOL_MIN_SIZE must not exceed TALLY_POOL_MAX_SIZE")

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import msgspec
 
+from api.auth import secret_hash, secret_id_of
 from api.database import embedded_server
 from api.migrate import migrate
 from commands import CommandContext, CommandRecord, EventStore
@@ -39,6 +40,9 @@ from projections.projector import catch_up
 log = logging.getLogger("bench")
 
 BENCH_DATABASE = "tally_bench"
+# The benchmark's client (every scope) and its secret, made in the benchmark's own database.
+BENCH_CLIENT_ID = "be7c0000-0000-4000-8000-000000000001"
+BENCH_SECRET = "tally_sk_be7cbe7cbe7cbe7c_" + "B" * 43
 ASSET = "GOLD"
 TOP_UP_AMOUNT = MAX_AMOUNT  # one top-up per wallet; a spend of 1 never runs a wallet dry
 SETUP_CHUNK = 1000
@@ -114,12 +118,30 @@ async def recreate(target: Target) -> None:
     conn = await asyncpg.connect(target.bench_url)
     try:
         await migrate(conn)
+        await conn.execute(
+            "INSERT INTO clients (client_id, name, scopes) VALUES ($1, 'bench', '{admin}')",
+            uuid.UUID(BENCH_CLIENT_ID),
+        )
+        await conn.execute(
+            "INSERT INTO client_secrets (secret_id, client_id, secret_hash) VALUES ($1, $2, $3)",
+            secret_id_of(BENCH_SECRET), uuid.UUID(BENCH_CLIENT_ID), secret_hash(BENCH_SECRET),
+        )  # fmt: skip
     finally:
         await conn.close()
 
 
 def _fingerprint(path: str, body: bytes) -> bytes:
     return CommandContext.fingerprint_of("POST", path, body, "")
+
+
+def bench_context(
+    command_id: str, fingerprint: bytes, metadata: dict[str, str] | None = None
+) -> CommandContext:
+    """A command's context as the API would make it for the benchmark's client."""
+    return CommandContext(
+        command_id=command_id, client_id=BENCH_CLIENT_ID, created_by="bench", fingerprint=fingerprint,
+        metadata=metadata or {},
+    )  # fmt: skip
 
 
 async def populate(url: str, user_ids: Sequence[str], *, parallel: int = 2) -> dict[str, float]:
@@ -131,7 +153,7 @@ async def populate(url: str, user_ids: Sequence[str], *, parallel: int = 2) -> d
     pool = await asyncpg.create_pool(url, min_size=parallel, max_size=parallel)
     try:
         started = time.perf_counter()
-        ctx = CommandContext(command_id=f"bench-asset-{uuid.uuid4().hex}", fingerprint=b"bench")
+        ctx = bench_context(f"bench-asset-{uuid.uuid4().hex}", b"bench")
         await EventStore(pool).define_asset(
             ctx, DefineAsset(code=ASSET, name="Gold coins (benchmark)", decimals=0)
         )
@@ -158,7 +180,7 @@ async def populate(url: str, user_ids: Sequence[str], *, parallel: int = 2) -> d
     return timings
 
 
-_SETUP_CONTEXT = {"client": "bench-setup"}
+_SETUP_CONTEXT = {"user_agent": "bench-setup"}
 
 
 def _records(records: list[CommandRecord]) -> tuple[object, ...]:
@@ -167,9 +189,10 @@ def _records(records: list[CommandRecord]) -> tuple[object, ...]:
 
 def _open_args(chunk: list[str]) -> tuple[object, ...]:
     return _records([
-        CommandRecord.of(CommandContext(
-            command_id=f"bench-open-{user_id}", metadata=_SETUP_CONTEXT,
-            fingerprint=_fingerprint("/v1/wallets", msgspec.json.encode(OpenWallet(user_id=user_id))),
+        CommandRecord.of(bench_context(
+            f"bench-open-{user_id}",
+            _fingerprint("/v1/wallets", msgspec.json.encode(OpenWallet(user_id=user_id))),
+            _SETUP_CONTEXT,
         ), OpenWallet(user_id=user_id))
         for user_id in chunk
     ])  # fmt: skip
@@ -178,9 +201,8 @@ def _open_args(chunk: list[str]) -> tuple[object, ...]:
 def _top_up_args(chunk: list[str]) -> tuple[object, ...]:
     body = msgspec.json.encode({"asset": ASSET, "amount": TOP_UP_AMOUNT})
     return _records([
-        CommandRecord.of(CommandContext(
-            command_id=f"bench-top-up-{user_id}", metadata=_SETUP_CONTEXT,
-            fingerprint=_fingerprint(f"/v1/wallets/{user_id}/top-ups", body),
+        CommandRecord.of(bench_context(
+            f"bench-top-up-{user_id}", _fingerprint(f"/v1/wallets/{user_id}/top-ups", body), _SETUP_CONTEXT,
         ), TopUpCredits(user_id=user_id, asset=ASSET, amount=TOP_UP_AMOUNT))
         for user_id in chunk
     ])  # fmt: skip

@@ -32,7 +32,7 @@ import msgspec
 from api.database import create_pool
 from api.dto import MoveCreditsRequest
 from api.settings import Settings
-from bench.database import ASSET
+from bench.database import ASSET, BENCH_SECRET, bench_context
 from bench.httpclient import HttpConnection
 from bench.load import Failure, LoadResult, Spender, run_load
 from bench.server import HOST
@@ -103,6 +103,7 @@ def _request_heads(port: int, user_ids: Sequence[str]) -> list[bytes]:
             f"POST /v1/wallets/{user_id}/spends HTTP/1.1\r\n"
             f"Host: {HOST}:{port}\r\n"
             "Content-Type: application/json\r\n"
+            f"Authorization: Bearer {BENCH_SECRET}\r\n"
             f"Content-Length: {len(SPEND_BODY)}\r\n"
             "Idempotency-Key: "
         ).encode()
@@ -169,9 +170,7 @@ class SqlSpender:
         plans = self._plans
         plan = plans[random.randrange(len(plans))] if len(plans) > 1 else plans[0]
         self._seq += 1
-        ctx = CommandContext(
-            command_id=f"{self._key_prefix}{self._seq}", fingerprint=plan.fingerprint, metadata=plan.metadata
-        )
+        ctx = bench_context(f"{self._key_prefix}{self._seq}", plan.fingerprint, plan.metadata)
         accepted = await self._store.post_transaction(ctx, plan.command)
         if accepted.replayed:
             return "replayed", ctx.command_id

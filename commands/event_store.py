@@ -40,10 +40,14 @@ _Outcome = tuple[str, str, bool]  # outcome, body, replayed
 
 
 class CommandContext(msgspec.Struct, frozen=True, kw_only=True):
-    """Who asks and under which Idempotency-Key; ``fingerprint`` identifies the exact request, and
-    ``metadata`` (request path and id, client) is stored with the command and its event."""
+    """Who asks and under which Idempotency-Key: ``client_id`` is the calling client, whose namespace
+    the key is in, and ``created_by`` its name (recorded on the events). ``fingerprint`` identifies
+    the exact request, and ``metadata`` (request path and id, user agent) is stored with the command
+    and its event."""
 
     command_id: str
+    client_id: str
+    created_by: str
     fingerprint: bytes
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
 
@@ -62,13 +66,15 @@ class CommandRecord(msgspec.Struct, frozen=True):
     command as the caller asked it (a transaction command carries its ``kind`` tag)."""
 
     key: str
+    client: str  # the client's id: the key's namespace
     fingerprint: str  # PostgreSQL's hex form of bytea: "\\x…"
     context: dict[str, str]
     command: DefineAsset | OpenWallet | TransactionCommand
 
     @classmethod
     def of(cls, ctx: CommandContext, command: DefineAsset | OpenWallet | TransactionCommand) -> CommandRecord:
-        return cls(ctx.command_id, "\\x" + ctx.fingerprint.hex(), ctx.metadata, command)
+        context = {**ctx.metadata, "created_by": ctx.created_by}
+        return cls(ctx.command_id, ctx.client_id, "\\x" + ctx.fingerprint.hex(), context, command)
 
 
 class Accepted(msgspec.Struct, frozen=True):

@@ -46,7 +46,7 @@ SELECT w.version, w.events_applied, w.metadata::text AS metadata, w.created_at,
 _TRANSACTION_COLUMNS = """
 transaction_id::text AS transaction_id, kind, user_id, asset, amount, entries::text AS entries,
 reference, metadata::text AS metadata, balance_after::text AS balance_after, wallet_version,
-created_at, consistency_token
+created_at, consistency_token, created_by
 """
 # One statement, so the wallet's head (rm_history_wallets) and its page are read in one snapshot: a
 # page is served only when the history projection has applied every event of the wallet up to the
@@ -131,6 +131,7 @@ def _transaction(row: asyncpg.Record) -> Transaction:
         wallet_version=row["wallet_version"],
         created_at=row["created_at"],
         consistency_token=row["consistency_token"],
+        created_by=row["created_by"],
     )
 
 

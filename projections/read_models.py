@@ -38,7 +38,7 @@ class Entry(msgspec.Struct, frozen=True, kw_only=True):
     amount: int
 
 
-class Transaction(msgspec.Struct, frozen=True, kw_only=True):
+class Transaction(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     transaction_id: str
     kind: str
     user_id: str
@@ -51,6 +51,9 @@ class Transaction(msgspec.Struct, frozen=True, kw_only=True):
     wallet_version: int
     created_at: datetime
     consistency_token: str
+    # The name of the client that sent the command; absent on transactions recorded before callers
+    # had identities.
+    created_by: str | None = None
 
 
 class TransactionPage(msgspec.Struct, frozen=True, kw_only=True):

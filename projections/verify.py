@@ -20,6 +20,7 @@ import asyncpg
 import msgspec
 
 from domain import ACCEPTED, MAX_AMOUNT, MAX_BIGINT, RECORDED_OUTCOMES
+from domain.values import BEFORE_IDENTITIES_CLIENT
 
 FINDINGS_PER_CHECK: Final = 1000
 
@@ -386,6 +387,21 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
                    e.stream_version, e.global_position, c.command_id, e.metadata ->> 'command_id'
               FROM events e JOIN commands c ON c.event_id = e.event_id
              WHERE e.metadata ? 'command_id' AND e.metadata ->> 'command_id' <> c.command_id
+             {_LIMIT}""",
+    ),
+    (
+        "created_by",
+        "every event records the client whose command caused it (client_id and created_by, its "
+        "name); events recorded before callers had identities record none",
+        f"""SELECT 'created_by', 'event does not record the client of its command', e.stream_id,
+                   e.stream_version, e.global_position, k.client_id::text || ' ' || k.name,
+                   coalesce(e.metadata ->> 'client_id', 'none') || ' '
+                   || coalesce(e.metadata ->> 'created_by', 'none')
+              FROM events e JOIN commands c ON c.event_id = e.event_id
+              JOIN clients k ON k.client_id = c.client_id
+             WHERE c.client_id <> '{BEFORE_IDENTITIES_CLIENT}'
+               AND (e.metadata ->> 'client_id' IS DISTINCT FROM k.client_id::text
+                    OR e.metadata ->> 'created_by' IS DISTINCT FROM k.name)
              {_LIMIT}""",
     ),
 ]

@@ -31,6 +31,7 @@ from api.migrate import migrate
 from api.settings import Settings
 from commands import EventStore
 from domain import decode_event
+from tests.helpers import AUTH, add_test_client
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,6 +51,7 @@ async def _create_template(admin_url: str, name: str) -> None:
     conn = await asyncpg.connect(with_database(admin_url, name))
     try:
         await migrate(conn)
+        await add_test_client(conn)
     finally:
         await conn.close()
 
@@ -201,4 +203,5 @@ async def client(settings: Settings) -> AsyncIterator[AsyncTestClient]:  # type:
     """The whole app over HTTP, with its projector running in-process."""
     app = create_app(settings, run_projector=True)
     async with AsyncTestClient(app) as client:
+        client.headers.update(AUTH)
         yield client

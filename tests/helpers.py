@@ -9,17 +9,52 @@ from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import msgspec
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
 
+from api.auth import secret_hash, secret_id_of
 from commands import Accepted, CommandContext, CommandRecord, EventStore, handle
 from commands.event_store import _POST_TRANSACTIONS
 from domain import DefineAsset, GrantBonus, OpenWallet, SpendCredits, TopUpCredits, TransactionCommand
 from projections.positions import Position
 from projections.projector import catch_up, project_batch
 
+# The client every test database holds (conftest adds it to the template): every scope, and a
+# fixed secret, which the HTTP test clients send.
+TEST_CLIENT_ID = "7e570000-0000-4000-8000-000000000001"
+TEST_CLIENT = "test-admin"
+TEST_SECRET = "tally_sk_7e577e577e577e57_" + "T" * 43
+AUTH = {"Authorization": f"Bearer {TEST_SECRET}"}
 
-def ctx(key: str | None = None, request: str = "") -> CommandContext:
+
+async def add_test_client(conn: asyncpg.Connection) -> None:
+    await conn.execute(
+        "INSERT INTO clients (client_id, name, scopes) VALUES ($1, $2, '{admin}')",
+        uuid.UUID(TEST_CLIENT_ID), TEST_CLIENT,
+    )  # fmt: skip
+    await conn.execute(
+        "INSERT INTO client_secrets (secret_id, client_id, secret_hash) VALUES ($1, $2, $3)",
+        secret_id_of(TEST_SECRET), uuid.UUID(TEST_CLIENT_ID), secret_hash(TEST_SECRET),
+    )  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def api_client(app: Litestar) -> AsyncIterator[AsyncTestClient]:  # type: ignore[type-arg]
+    """The app over HTTP, as the test client (every scope)."""
+    async with AsyncTestClient(app) as client:
+        client.headers.update(AUTH)
+        yield client
+
+
+def ctx(key: str | None = None, request: str = "", client_id: str = TEST_CLIENT_ID) -> CommandContext:
+    """The context of a command sent by the test client (or ``client_id``) under ``key``."""
     key = key or uuid.uuid4().hex
-    return CommandContext(command_id=key, fingerprint=CommandContext.fingerprint_of(request or key))
+    return CommandContext(
+        command_id=key,
+        client_id=client_id,
+        created_by=TEST_CLIENT if client_id == TEST_CLIENT_ID else client_id,
+        fingerprint=CommandContext.fingerprint_of(request or key),
+    )
 
 
 def record(command: TransactionCommand, key: str | None = None, request: str = "") -> CommandRecord:

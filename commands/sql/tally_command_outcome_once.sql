@@ -10,6 +10,7 @@ END $$;
 
 CREATE OR REPLACE TRIGGER commands_outcome_once BEFORE UPDATE ON commands FOR EACH ROW
     WHEN (OLD.outcome IS NOT NULL OR NEW.outcome IS NULL OR NEW.response IS NULL
-          OR NEW.command_id <> OLD.command_id OR NEW.fingerprint <> OLD.fingerprint
+          OR NEW.client_id <> OLD.client_id OR NEW.command_id <> OLD.command_id
+          OR NEW.fingerprint <> OLD.fingerprint
           OR NEW.metadata <> OLD.metadata OR NEW.recorded_at <> OLD.recorded_at)
     EXECUTE FUNCTION tally_command_outcome_once();

@@ -1,14 +1,16 @@
 -- DefineAsset: creates the stream `asset:<code>` with its AssetDefined event, exactly once per
--- Idempotency-Key. `p_command` is commands.event_store.CommandRecord as JSON:
--- {key, fingerprint, context, command: {code, name, decimals}}. Returns the domain outcome
+-- client's Idempotency-Key. `p_command` is commands.event_store.CommandRecord as JSON:
+-- {key, client, fingerprint, context, command: {code, name, decimals}}. Returns the domain outcome
 -- (`accepted` or `asset_exists`, both recorded and replayed), the response body, and whether it
 -- was replayed.
 CREATE OR REPLACE FUNCTION tally_define_asset(p_command jsonb)
 RETURNS TABLE (outcome text, body text, replayed boolean) LANGUAGE plpgsql AS $$
 DECLARE
     v_key text := p_command ->> 'key';
+    v_client uuid := (p_command ->> 'client')::uuid;
     v_fingerprint bytea := (p_command ->> 'fingerprint')::bytea;
-    v_context jsonb := (p_command -> 'context') || jsonb_build_object('command_id', v_key);
+    v_context jsonb := (p_command -> 'context')
+                       || jsonb_build_object('command_id', v_key, 'client_id', v_client);
     v_code text := p_command -> 'command' ->> 'code';
     v_stream text := 'asset:' || v_code;
     v_now timestamptz := now();
@@ -19,9 +21,9 @@ DECLARE
     v_event record;
     v_body jsonb;
 BEGIN
-    v_prior := tally_claim_command(v_key, v_fingerprint, v_context);
+    v_prior := tally_claim_command(v_client, v_key, v_fingerprint, v_context);
     IF v_prior.command_id IS NOT NULL THEN
-        RETURN QUERY SELECT r.outcome, r.body, r.replayed FROM tally_replay(v_prior, v_fingerprint) r;
+        RETURN QUERY SELECT r.outcome, r.body, r.replayed FROM tally_replay(v_prior, v_client, v_fingerprint) r;
         RETURN;
     END IF;
     INSERT INTO streams (stream_id, stream_type, version, state, last_hash, created_at, updated_at)
@@ -29,7 +31,7 @@ BEGIN
     ON CONFLICT (stream_id) DO NOTHING;
     IF NOT FOUND THEN
         v_body := tally_rejection('asset_exists', format('asset %s is already defined', v_code));
-        PERFORM tally_record_outcome(v_key, 'asset_exists', v_body, v_stream, NULL);
+        PERFORM tally_record_outcome(v_client, v_key, 'asset_exists', v_body, v_stream, NULL);
         RETURN QUERY SELECT 'asset_exists', v_body::text, false;
         RETURN;
     END IF;
@@ -38,6 +40,6 @@ BEGIN
     UPDATE streams SET last_hash = v_event.o_hash WHERE stream_id = v_stream;
     v_body := v_data || jsonb_build_object('created_at', tally_timestamp_text(v_now),
                                            'consistency_token', v_event.o_token);
-    PERFORM tally_record_outcome(v_key, 'accepted', v_body, v_stream, v_event_id);
+    PERFORM tally_record_outcome(v_client, v_key, 'accepted', v_body, v_stream, v_event_id);
     RETURN QUERY SELECT 'accepted', v_body::text, false;
 END $$;

@@ -1,14 +1,16 @@
 -- OpenWallet: creates the stream `wallet:<user_id>` with its WalletOpened event, exactly once per
--- Idempotency-Key. `p_command` is commands.event_store.CommandRecord as JSON:
--- {key, fingerprint, context, command: {user_id, metadata}}. Returns the domain outcome
+-- client's Idempotency-Key. `p_command` is commands.event_store.CommandRecord as JSON:
+-- {key, client, fingerprint, context, command: {user_id, metadata}}. Returns the domain outcome
 -- (`accepted` or `wallet_exists`, both recorded and replayed), the response body, and whether it
 -- was replayed.
 CREATE OR REPLACE FUNCTION tally_open_wallet(p_command jsonb)
 RETURNS TABLE (outcome text, body text, replayed boolean) LANGUAGE plpgsql AS $$
 DECLARE
     v_key text := p_command ->> 'key';
+    v_client uuid := (p_command ->> 'client')::uuid;
     v_fingerprint bytea := (p_command ->> 'fingerprint')::bytea;
-    v_context jsonb := (p_command -> 'context') || jsonb_build_object('command_id', v_key);
+    v_context jsonb := (p_command -> 'context')
+                       || jsonb_build_object('command_id', v_key, 'client_id', v_client);
     v_user_id text := p_command -> 'command' ->> 'user_id';
     v_stream text := 'wallet:' || v_user_id;
     v_now timestamptz := now();
@@ -19,9 +21,9 @@ DECLARE
     v_event record;
     v_body jsonb;
 BEGIN
-    v_prior := tally_claim_command(v_key, v_fingerprint, v_context);
+    v_prior := tally_claim_command(v_client, v_key, v_fingerprint, v_context);
     IF v_prior.command_id IS NOT NULL THEN
-        RETURN QUERY SELECT r.outcome, r.body, r.replayed FROM tally_replay(v_prior, v_fingerprint) r;
+        RETURN QUERY SELECT r.outcome, r.body, r.replayed FROM tally_replay(v_prior, v_client, v_fingerprint) r;
         RETURN;
     END IF;
     INSERT INTO streams (stream_id, stream_type, version, state, last_hash, created_at, updated_at)
@@ -29,7 +31,7 @@ BEGIN
     ON CONFLICT (stream_id) DO NOTHING;
     IF NOT FOUND THEN
         v_body := tally_rejection('wallet_exists', format('a wallet for user %s already exists', v_user_id));
-        PERFORM tally_record_outcome(v_key, 'wallet_exists', v_body, v_stream, NULL);
+        PERFORM tally_record_outcome(v_client, v_key, 'wallet_exists', v_body, v_stream, NULL);
         RETURN QUERY SELECT 'wallet_exists', v_body::text, false;
         RETURN;
     END IF;
@@ -39,6 +41,6 @@ BEGIN
     v_body := v_data || jsonb_build_object('version', 1, 'balances', '[]'::jsonb,
                                            'created_at', tally_timestamp_text(v_now),
                                            'consistency_token', v_event.o_token);
-    PERFORM tally_record_outcome(v_key, 'accepted', v_body, v_stream, v_event_id);
+    PERFORM tally_record_outcome(v_client, v_key, 'accepted', v_body, v_stream, v_event_id);
     RETURN QUERY SELECT 'accepted', v_body::text, false;
 END $$;

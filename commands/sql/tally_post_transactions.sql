@@ -6,7 +6,7 @@
 -- that arrive while others are in flight together (commands/event_store.py).
 --
 -- `p_commands` is a JSON array of commands.event_store.CommandRecord:
--- {key, fingerprint, context, command: {kind, user_id, asset, amount, reference, metadata,
+-- {key, client, fingerprint, context, command: {kind, user_id, asset, amount, reference, metadata,
 -- expected_version}}, read by field name (tally_transaction_commands below: adding a field touches
 -- its column list and the Python that fills it). Python sends only what the caller asked: the legs
 -- come from the kind's row in the flows table (tally_legs).
@@ -16,7 +16,7 @@
 -- `idempotency_key_reused`), the response body, and whether it was replayed.
 --
 -- Rules that keep a batch safe:
--- * Two passes. Pass 1, in ascending key order, claims every key (tally_claim_command), answers
+-- * Two passes. Pass 1, in ascending (client, key) order, claims every key (tally_claim_command), answers
 --   replays and the refusals that are not recorded; pass 2, in ascending wallet order (request
 --   order within one wallet), locks each wallet row, decides, appends and records. Every batch
 --   takes its locks in these two orders, and a batch waiting for a key (pass 1) holds no wallet
@@ -48,14 +48,15 @@
 -- so this definition is dropped and made again (nothing in the catalog depends on it).
 DROP FUNCTION IF EXISTS tally_transaction_commands(jsonb);
 CREATE FUNCTION tally_transaction_commands(p_commands jsonb)
-RETURNS TABLE (i int, key text, fingerprint bytea, context jsonb, kind text, user_id text, asset text,
-               amount bigint, reference text, metadata jsonb, expected_version bigint)
+RETURNS TABLE (i int, key text, client uuid, fingerprint bytea, context jsonb, kind text, user_id text,
+               asset text, amount bigint, reference text, metadata jsonb, expected_version bigint)
 LANGUAGE sql STABLE AS $$
-    SELECT a.i::int, x.key, x.fingerprint, x.context || jsonb_build_object('command_id', x.key), x.kind,
+    SELECT a.i::int, x.key, x.client, x.fingerprint,
+           x.context || jsonb_build_object('command_id', x.key, 'client_id', x.client), x.kind,
            x.user_id, x.asset, x.amount, x.reference, coalesce(x.metadata, '{}'), x.expected_version
       FROM jsonb_array_elements(p_commands) WITH ORDINALITY AS a(e, i),
            jsonb_to_record((a.e - 'command') || (a.e -> 'command')) AS x(
-               key text, fingerprint bytea, context jsonb, kind text, user_id text, asset text,
+               key text, client uuid, fingerprint bytea, context jsonb, kind text, user_id text, asset text,
                amount bigint, reference text, metadata jsonb, expected_version bigint)
 $$;
 
@@ -69,13 +70,15 @@ DECLARE
     o_first int[] := array_fill(NULL::int, ARRAY[n]);  -- a repeated key: its first occurrence
     o_fingerprint bytea[] := array_fill(NULL::bytea, ARRAY[n]);
     claimed int[] := '{}';                              -- the commands whose keys this call claimed
-    v_last_key text;                                    -- pass 1 goes in key order: a repeated key
-    v_last_claim int;                                   -- follows its first occurrence directly
+    v_last_client uuid;                                 -- pass 1 goes in (client, key) order: a
+    v_last_key text;                                    -- repeated key follows its first occurrence
+    v_last_claim int;                                   -- directly
     r record;
     v_prior commands;
     v_replay record;
     v_refusal jsonb;
-    v_let_go text[] := '{}';                            -- keys held only for refused commands
+    v_let_go_client uuid[] := '{}';                     -- keys held only for refused commands
+    v_let_go text[] := '{}';
     v_stream streams;
     v_stream_id text;
     v_now timestamptz := now();
@@ -86,22 +89,24 @@ DECLARE
     v_event_id uuid;
     v_body jsonb;
 BEGIN
-    -- Pass 1, in key order: replays, and the claim of every other key; refusals of unknown assets
-    -- and wallets claim their key too, and let it go at the end.
-    FOR r IN SELECT * FROM tally_transaction_commands(p_commands) c ORDER BY c.key COLLATE "C", c.i
+    -- Pass 1, in (client, key) order: replays, and the claim of every other key; refusals of
+    -- unknown assets and wallets claim their key too, and let it go at the end.
+    FOR r IN SELECT * FROM tally_transaction_commands(p_commands) c
+              ORDER BY c.client, c.key COLLATE "C", c.i
     LOOP
-        IF r.key IS NULL OR r.fingerprint IS NULL OR r.kind IS NULL OR r.user_id IS NULL
+        IF r.key IS NULL OR r.client IS NULL OR r.fingerprint IS NULL OR r.kind IS NULL OR r.user_id IS NULL
            OR r.asset IS NULL OR r.amount IS NULL OR r.amount NOT BETWEEN 1 AND 1000000000000000 THEN
             RAISE EXCEPTION 'command % of the batch is not a valid transaction command', r.i
                 USING ERRCODE = 'data_exception';
         END IF;
         o_fingerprint[r.i] := r.fingerprint;
-        IF r.key IS DISTINCT FROM v_last_key THEN
+        IF (r.client, r.key) IS DISTINCT FROM (v_last_client, v_last_key) THEN
+            v_last_client := r.client;
             v_last_key := r.key;
             v_last_claim := NULL;
-            v_prior := tally_claim_command(r.key, r.fingerprint, r.context);
+            v_prior := tally_claim_command(r.client, r.key, r.fingerprint, r.context);
             IF v_prior.command_id IS NOT NULL THEN  -- recorded before, or by a duplicate that just committed
-                v_replay := tally_replay(v_prior, r.fingerprint);
+                v_replay := tally_replay(v_prior, r.client, r.fingerprint);
                 o_outcome[r.i] := v_replay.outcome;
                 o_body[r.i] := v_replay.body;
                 o_replayed[r.i] := v_replay.replayed;
@@ -111,7 +116,7 @@ BEGIN
             o_first[r.i] := v_last_claim;
             CONTINUE;
         ELSIF v_prior.command_id IS NOT NULL THEN  -- a repeat of a recorded key: replays it too
-            v_replay := tally_replay(v_prior, r.fingerprint);
+            v_replay := tally_replay(v_prior, r.client, r.fingerprint);
             o_outcome[r.i] := v_replay.outcome;
             o_body[r.i] := v_replay.body;
             o_replayed[r.i] := v_replay.replayed;
@@ -127,16 +132,19 @@ BEGIN
         IF v_refusal IS NOT NULL THEN
             o_outcome[r.i] := v_refusal ->> 'code';
             o_body[r.i] := v_refusal::text;
+            v_let_go_client := v_let_go_client || r.client;
             v_let_go := v_let_go || r.key;
             CONTINUE;
         END IF;
-        IF r.key = ANY (v_let_go) THEN
+        IF v_let_go[array_length(v_let_go, 1)] = r.key AND v_let_go_client[array_length(v_let_go, 1)] = r.client
+        THEN
             -- An earlier occurrence, refused, claimed the key with its own request: the claim is
             -- this command's now (found by the model-based test: the outcome had been recorded
             -- under the refused request's fingerprint).
-            DELETE FROM commands c WHERE c.command_id = r.key AND c.outcome IS NULL;
-            PERFORM tally_claim_command(r.key, r.fingerprint, r.context);
-            v_let_go := array_remove(v_let_go, r.key);
+            DELETE FROM commands c WHERE c.client_id = r.client AND c.command_id = r.key AND c.outcome IS NULL;
+            PERFORM tally_claim_command(r.client, r.key, r.fingerprint, r.context);
+            v_let_go := v_let_go[:array_length(v_let_go, 1) - 1];
+            v_let_go_client := v_let_go_client[:array_length(v_let_go_client, 1) - 1];
         END IF;
         claimed := claimed || r.i;
         v_last_claim := r.i;
@@ -183,15 +191,17 @@ BEGIN
                    updated_at = v_now
              WHERE stream_id = v_stream_id;
             v_body := v_data || jsonb_build_object('wallet_version', v_stream.version + 1,
+                                                   'created_by', r.context ->> 'created_by',
                                                    'created_at', tally_timestamp_text(v_now),
                                                    'consistency_token', v_event.o_token);
         END IF;
-        PERFORM tally_record_outcome(r.key, o_outcome[r.i], v_body, v_stream_id, v_event_id);
+        PERFORM tally_record_outcome(r.client, r.key, o_outcome[r.i], v_body, v_stream_id, v_event_id);
         o_body[r.i] := v_body::text;
     END LOOP;
 
     -- Nothing is recorded for a refusal: its key's claim goes, at commit, with this transaction.
-    DELETE FROM commands c WHERE c.command_id = ANY (v_let_go) AND c.outcome IS NULL;
+    DELETE FROM commands c USING unnest(v_let_go_client, v_let_go) AS g(client, key)
+     WHERE c.client_id = g.client AND c.command_id = g.key AND c.outcome IS NULL;
 
     FOR i IN 1 .. n LOOP
         idx := i;

@@ -1,17 +1,19 @@
 -- The answer to a command whose Idempotency-Key is already recorded: the stored outcome and
--- response, replayed, when the request is the same (same fingerprint); otherwise the key was used
--- for a different request, which is refused (and not recorded: the key keeps its first outcome).
--- A committed row always has its outcome; one without (written behind the functions' back) is
--- refused loudly rather than replayed as nothing.
+-- response, replayed, when the request is the same (same fingerprint: the request's, bound to its
+-- client, or the bare request's for a command recorded before callers had identities); otherwise
+-- the key was used for a different request, which is refused (and not recorded: the key keeps its
+-- first outcome). A committed row always has its outcome; one without (written behind the
+-- functions' back) is refused loudly rather than replayed as nothing.
 CREATE OR REPLACE FUNCTION tally_replay(
-    p_prior commands, p_fingerprint bytea, OUT outcome text, OUT body text, OUT replayed boolean
+    p_prior commands, p_client uuid, p_request bytea, OUT outcome text, OUT body text, OUT replayed boolean
 ) LANGUAGE plpgsql STABLE AS $$
 BEGIN
     IF p_prior.outcome IS NULL OR p_prior.response IS NULL THEN
         RAISE EXCEPTION 'command % is recorded without its outcome', p_prior.command_id
             USING ERRCODE = 'data_corrupted';
     END IF;
-    replayed := p_prior.fingerprint = p_fingerprint;
+    replayed := p_prior.fingerprint = CASE WHEN p_prior.client_id = p_client
+                                           THEN tally_fingerprint(p_client, p_request) ELSE p_request END;
     outcome := CASE WHEN replayed THEN p_prior.outcome ELSE 'idempotency_key_reused' END;
     body := CASE WHEN replayed THEN p_prior.response::text ELSE tally_key_reused()::text END;
 END $$;

@@ -21,11 +21,11 @@ BEGIN
     ), history AS (
         INSERT INTO rm_transactions (transaction_id, user_id, wallet_version, kind, asset, amount,
                                      entries, reference, metadata, balance_after, created_at,
-                                     consistency_token)
+                                     consistency_token, created_by)
         SELECT event_id, data ->> 'user_id', stream_version, data ->> 'kind', data ->> 'asset',
                (data ->> 'amount')::bigint, data -> 'entries', data ->> 'reference',
                data -> 'metadata', (data ->> 'balance_after')::numeric, recorded_at,
-               writer_xid::text || '.' || global_position::text
+               writer_xid::text || '.' || global_position::text, metadata ->> 'created_by'
           FROM batch WHERE kind = 'transaction'
         ON CONFLICT (transaction_id) DO NOTHING
     ), heads AS (

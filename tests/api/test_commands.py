@@ -23,6 +23,7 @@ from tests.api.support import (
 
 TRANSACTION_FIELDS = {
     "transaction_id",
+    "created_by",
     "kind",
     "user_id",
     "asset",

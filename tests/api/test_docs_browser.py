@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import LiveServer
+from tests.helpers import AUTH
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # The machine's network has no internet; these flags keep Chromium from trying to reach it.
@@ -23,7 +24,7 @@ CHROMIUM_FLAGS = [
 
 
 async def test_docs_page_references_only_the_apps_own_assets(live_server: LiveServer) -> None:
-    async with httpx.AsyncClient(base_url=live_server.url) as http:
+    async with httpx.AsyncClient(base_url=live_server.url, headers=AUTH) as http:
         page = await http.get("/docs")
         assert page.status_code == 200
         assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)

@@ -6,7 +6,6 @@ from __future__ import annotations
 from datetime import datetime
 
 import asyncpg
-from litestar.testing import AsyncTestClient
 
 from api.app import create_app
 from api.settings import Settings
@@ -24,7 +23,7 @@ from tests.api.support import (
     sync_token,
     top_up,
 )
-from tests.helpers import apply_projection
+from tests.helpers import api_client, apply_projection
 
 # --- assets ----------------------------------------------------------------------------------
 
@@ -348,8 +347,8 @@ async def test_each_query_waits_for_every_projection_it_reads(db_url: str, pool:
     impatient = Settings(database_url=db_url, consistency_timeout=0.3)
     patient = Settings(database_url=db_url, consistency_timeout=30)
     async with (
-        AsyncTestClient(create_app(impatient, run_projector=False)) as early,
-        AsyncTestClient(create_app(patient, run_projector=False)) as late,
+        api_client(create_app(impatient, run_projector=False)) as early,
+        api_client(create_app(patient, run_projector=False)) as late,
     ):
         await define_asset(late)
         await open_wallet(late, "alice")

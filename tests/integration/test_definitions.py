@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections import Counter
 
 import asyncpg
@@ -13,6 +14,7 @@ import pytest
 
 from api.migrate import MigrationError, definitions, migrate, migrations_dir
 from domain import FLOWS, MAX_AMOUNT, RECORDED_OUTCOMES
+from tests.helpers import TEST_CLIENT_ID
 from tests.model import legs
 
 _LEGS = """SELECT tally_legs(f, 'ann', $2)::text AS legs, event_type, user_sign * $2 AS user_delta
@@ -117,6 +119,7 @@ async def test_a_command_row_holds_only_an_outcome_commands_record(pool: asyncpg
     assert sorted(re.findall(r"'(\w+)'", constraint)) == sorted(RECORDED_OUTCOMES)
     with pytest.raises(asyncpg.CheckViolationError):
         await pool.execute(
-            "INSERT INTO commands (command_id, fingerprint, metadata, outcome, response) "
-            "VALUES ('k', '\\x00', '{}', 'wallet_not_found', '{}')"
+            "INSERT INTO commands (client_id, command_id, fingerprint, metadata, outcome, response) "
+            "VALUES ($1, 'k', '\\x00', '{}', 'wallet_not_found', '{}')",
+            uuid.UUID(TEST_CLIENT_ID),
         )

@@ -4,6 +4,8 @@ projections stop loudly at it instead of guessing, verify names it, and commands
 
 from __future__ import annotations
 
+import uuid
+
 import asyncpg
 from litestar.testing import AsyncTestClient
 
@@ -12,6 +14,7 @@ from projections.projector import catch_up
 from projections.status import projection_status
 from projections.verify import verify
 from tests.api.support import define_asset, get_json, open_wallet, spend, top_up
+from tests.helpers import TEST_CLIENT, TEST_CLIENT_ID
 
 # What a later release's command function would do: append the event to the wallet's stream (its
 # next version, its hash chained), move the stream's head, and record the command that caused it.
@@ -19,15 +22,16 @@ _APPEND_FOREIGN = """
 WITH s AS (SELECT * FROM streams WHERE stream_id = 'wallet:' || $1 FOR UPDATE),
      e AS (SELECT a.* FROM s, LATERAL tally_append_event(
                 s.stream_id, s.version + 1, s.last_hash, gen_random_uuid(), 'WalletFrozen',
-                jsonb_build_object('user_id', $1, 'reason', 'chargeback'), '{"command_id": "freeze-1"}',
+                jsonb_build_object('user_id', $1, 'reason', 'chargeback'),
+                jsonb_build_object('command_id', 'freeze-1', 'client_id', $2::text, 'created_by', $3::text),
                 now()) a),
      moved AS (UPDATE streams SET version = streams.version + 1, last_hash = e.o_hash FROM e
                 WHERE stream_id = 'wallet:' || $1)
 SELECT e.o_token FROM e
 """
 _RECORD = """
-INSERT INTO commands (command_id, fingerprint, metadata, outcome, response, stream_id, event_id)
-SELECT 'freeze-1', '\\x00', '{}', 'accepted', '{}', stream_id, event_id
+INSERT INTO commands (client_id, command_id, fingerprint, metadata, outcome, response, stream_id, event_id)
+SELECT $1, 'freeze-1', '\\x00', '{}', 'accepted', '{}', stream_id, event_id
   FROM events WHERE event_type = 'WalletFrozen'
 """
 
@@ -45,8 +49,8 @@ async def test_an_unknown_event_type_is_read_around_and_stops_the_projections(
     system_before = await get_json(client, "/v1/system/balances", first["consistency_token"])
 
     async with pool.acquire() as conn, conn.transaction():
-        token = await conn.fetchval(_APPEND_FOREIGN, "ann")
-        await conn.execute(_RECORD)
+        token = await conn.fetchval(_APPEND_FOREIGN, "ann", TEST_CLIENT_ID, TEST_CLIENT)
+        await conn.execute(_RECORD, uuid.UUID(TEST_CLIENT_ID))
     foreign_events.add(int(token.split(".")[1]))
     later = await spend(client, "ann", 30)  # the write side does not care: version 4
     assert later["wallet_version"] == 4

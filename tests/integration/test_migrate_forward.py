@@ -17,13 +17,13 @@ from typing import Any
 
 import asyncpg
 import pytest
-from litestar.testing import AsyncTestClient
 
 from api.app import create_app
 from api.migrate import HISTORY, MigrationError, migrate
 from api.settings import Settings
 from projections.verify import verify
 from tests.conftest import with_database
+from tests.helpers import add_test_client, api_client
 
 HISTORIC = Path(__file__).resolve().parent.parent / "data" / "historic"
 LEDGER = json.loads((HISTORIC / "ledger.json").read_text())
@@ -107,7 +107,7 @@ async def test_a_database_built_by_the_first_five_migrations_migrates_forward(db
             "SELECT command_id, status, response::text AS response FROM commands")}  # fmt: skip
 
         migrated = await migrate(conn)
-        assert migrated.migrations == ["0006_typed_events_domain_outcomes.sql"]
+        assert migrated.migrations == ["0006_typed_events_domain_outcomes.sql", "0007_clients.sql"]
         assert migrated.flows == ["bonus", "spend", "top_up"]
 
         # Every stored outcome is a domain outcome now; every stored response is untouched.
@@ -123,11 +123,12 @@ async def test_a_database_built_by_the_first_five_migrations_migrates_forward(db
         report = await verify(conn)
         assert report.ok, report.findings
         assert report.events == len(LEDGER["tables"]["events"])
+        await add_test_client(conn)
     finally:
         await conn.close()
 
     settings = Settings(database_url=db_url, consistency_timeout=10.0, projector_poll_interval=0.1)
-    async with AsyncTestClient(create_app(settings, run_projector=True)) as client:
+    async with api_client(create_app(settings, run_projector=True)) as client:
         # Every retry gets, byte for byte, the answer the earlier release gave it.
         for request in LEDGER["requests"]:
             response = await client.post(
@@ -213,7 +214,9 @@ async def test_the_baseline_builds_what_the_history_built(db_url: str, admin_url
         fresh = await asyncpg.connect(fresh_url)
         try:
             done = await migrate(fresh)
-            assert done.migrations == ["0005_baseline.sql", "0006_typed_events_domain_outcomes.sql"]
+            assert done.migrations == [
+                "0005_baseline.sql", "0006_typed_events_domain_outcomes.sql", "0007_clients.sql",
+            ]  # fmt: skip
         finally:
             await fresh.close()
         old, new = await _catalog(db_url), await _catalog(fresh_url)

@@ -5,8 +5,9 @@ bonuses and spends are sent to ``tally_post_transactions``, two or three batches
 its own connection and so in its own transaction. The start is staged: every batch's transaction
 first waits at a gate (an advisory lock the test holds) until all of them are seen waiting there,
 then the gate opens and they run together. Commands repeat keys within a batch and across the
-concurrent batches (same request or another), name wallets and assets that do not exist, and carry
-If-Match versions, right or wrong.
+concurrent batches (same request or another), from one client or two (the same key from two
+clients is two commands), name wallets and assets that do not exist, and carry If-Match versions,
+right or wrong.
 
 Concurrent batches commit in some order; the model runs them one after the other. So the test
 looks for an order of the step's batches in which the model gives every command exactly the
@@ -35,7 +36,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_sta
 
 from commands import CommandContext, CommandRecord, EventStore, handle
 from domain import FLOWS, FLOWS_BY_KIND, OpenWallet
-from tests.helpers import define_asset, lock_waits, run_batch
+from tests.helpers import TEST_CLIENT_ID, define_asset, lock_waits, run_batch
+from tests.helpers import ctx as helper_ctx
 from tests.model import Command, Ledger, Outcome
 
 USERS = ("ann", "ben", "cat")
@@ -43,6 +45,9 @@ NEVER_OPENED = "zed"
 ASSETS = ("GOLD", "GEMS")
 UNDEFINED_ASSET = "NOPE"
 KEYS = tuple(f"k{i}" for i in range(6))
+# Two clients: every key lives in its client's namespace (the model sees "<client id>/<key>").
+OTHER_CLIENT_ID = "7e570000-0000-4000-8000-000000000002"
+CLIENTS = (TEST_CLIENT_ID, TEST_CLIENT_ID, OTHER_CLIENT_ID)
 
 commands = st.fixed_dictionaries({
     "kind": st.sampled_from([f.kind for f in FLOWS for _ in range(2 if f.user_sign < 0 else 1)]),
@@ -51,6 +56,7 @@ commands = st.fixed_dictionaries({
     "amount": st.integers(min_value=1, max_value=60),
     # A few keys every step may repeat, or (mostly) one of its own.
     "key": st.one_of(st.sampled_from(KEYS), st.integers(min_value=0, max_value=10**9).map("f{}".format)),
+    "client": st.sampled_from(CLIENTS),
     "request": st.integers(min_value=0, max_value=1),  # the same key with another request
     "expected_version": st.one_of(st.none(), st.none(), st.integers(min_value=1, max_value=6)),
 })  # fmt: skip
@@ -83,7 +89,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def _command(self, spec: dict[str, Any]) -> Command:
         fingerprint = hashlib.sha256(json.dumps([spec, spec["request"]], sort_keys=True).encode()).digest()
         return Command(
-            key=f"{self.ns}-{spec['key']}", fingerprint=fingerprint, kind=spec["kind"],
+            key=f"{spec['client']}/{self.ns}-{spec['key']}", fingerprint=fingerprint, kind=spec["kind"],
             user_id=f"{self.ns}-{spec['user']}", asset=spec["asset"], amount=spec["amount"],
             expected_version=spec["expected_version"],
         )  # fmt: skip
@@ -96,7 +102,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(user=st.sampled_from(USERS))
     def open_wallet(self, user: str) -> None:
         user_id = f"{self.ns}-{user}"
-        ctx = CommandContext(command_id=f"{self.ns}-open-{user}", fingerprint=b"open")
+        ctx = helper_ctx(f"{self.ns}-open-{user}", "open")
         self.loop.run_until_complete(handle(EventStore(self.pool), OpenWallet(user_id=user_id), ctx))
         self.model.open_wallet(user_id)
 
@@ -183,9 +189,11 @@ def _record(command: Command) -> CommandRecord:
         user_id=command.user_id, asset=command.asset, amount=command.amount,
         expected_version=command.expected_version,
     )  # fmt: skip
-    return CommandRecord.of(
-        CommandContext(command_id=command.key, fingerprint=command.fingerprint), domain_command
+    client_id, key = command.key.split("/", 1)
+    context = CommandContext(
+        command_id=key, client_id=client_id, created_by=client_id, fingerprint=command.fingerprint
     )
+    return CommandRecord.of(context, domain_command)
 
 
 def _agree(predicted: list[Outcome], rows: list[asyncpg.Record]) -> bool:
@@ -203,6 +211,10 @@ def _agree(predicted: list[Outcome], rows: list[asyncpg.Record]) -> bool:
 async def _define_assets(db_url: str) -> None:
     pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
     try:
+        await pool.execute(
+            "INSERT INTO clients (client_id, name, scopes) VALUES ($1, 'model-other', '{admin}')",
+            uuid.UUID(OTHER_CLIENT_ID),
+        )
         for code in ASSETS:
             await define_asset(EventStore(pool), code)
     finally:

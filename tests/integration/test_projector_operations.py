@@ -18,7 +18,7 @@ from api.migrate import migrate
 from commands import EventStore
 from projections.projector import PROJECTOR_LOCK_KEY, Projector, catch_up
 from projections.status import ProjectionStatus, projection_status, resume_projection
-from tests.helpers import define_asset, open_wallet, projected, top_up
+from tests.helpers import add_test_client, define_asset, open_wallet, projected, top_up
 
 
 async def _eventually(probe: asyncpg.Pool, sql: str, expected: object, within: float = 30.0) -> None:
@@ -155,6 +155,7 @@ async def own_server(tmp_path: Path) -> AsyncIterator[tuple[str, object]]:
         conn = await asyncpg.connect(url)
         try:
             await migrate(conn)
+            await add_test_client(conn)
         finally:
             await conn.close()
         yield url, server

@@ -11,12 +11,13 @@ from litestar.testing import AsyncTestClient
 
 from api.app import create_app
 from api.settings import Settings
+from tests.helpers import api_client
 
 
 async def test_a_token_not_yet_projected_times_out_then_is_waited_for(db_url: str) -> None:
     # No projector runs in this app: the read model cannot reach the token in time.
     impatient = Settings(database_url=db_url, consistency_timeout=0.3)
-    async with AsyncTestClient(create_app(impatient, run_projector=False)) as client:
+    async with api_client(create_app(impatient, run_projector=False)) as client:
         created = await client.post("/v1/assets", json={"code": "GOLD", "name": "Gold", "decimals": 0},
                                     headers={"Idempotency-Key": "a"})  # fmt: skip
         assert created.status_code == 201
@@ -35,7 +36,7 @@ async def test_a_token_not_yet_projected_times_out_then_is_waited_for(db_url: st
     )  # fmt: skip
     try:
         patient = Settings(database_url=db_url, consistency_timeout=30)
-        async with AsyncTestClient(create_app(patient, run_projector=False)) as client:
+        async with api_client(create_app(patient, run_projector=False)) as client:
             answer = await client.get("/v1/assets", params={"consistent_with": token})
     finally:
         projector.terminate()

@@ -12,6 +12,7 @@ import httpx
 
 from projections.verify import verify
 from tests.conftest import LiveServer
+from tests.helpers import AUTH
 
 CLIENTS = 32
 ACKNOWLEDGED_BEFORE_SIGTERM = 200
@@ -21,7 +22,7 @@ MAX_REQUESTS_PER_CLIENT = 500
 async def test_sigterm_mid_load_applies_every_acknowledged_command(
     live_server: LiveServer, pool: asyncpg.Pool
 ) -> None:
-    async with httpx.AsyncClient(base_url=live_server.url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=live_server.url, timeout=30, headers=AUTH) as http:
 
         async def post(path: str, body: dict[str, object]) -> httpx.Response:
             return await http.post(path, json=body, headers={"Idempotency-Key": uuid.uuid4().hex})
@@ -39,7 +40,7 @@ async def test_sigterm_mid_load_applies_every_acknowledged_command(
 
     async def client(i: int) -> None:
         # One connection per client, as a calling service would keep.
-        async with httpx.AsyncClient(base_url=live_server.url, timeout=30) as http:
+        async with httpx.AsyncClient(base_url=live_server.url, timeout=30, headers=AUTH) as http:
             for _ in range(MAX_REQUESTS_PER_CLIENT):
                 key = uuid.uuid4().hex
                 try:

@@ -14,7 +14,7 @@ import httpx
 
 from projections.verify import verify
 from tests.conftest import LiveServer
-from tests.helpers import holding_wallet, lock_waits
+from tests.helpers import AUTH, holding_wallet, lock_waits
 
 SPENDS = 50
 AFFORDABLE = 7
@@ -28,7 +28,7 @@ def _process(wait: asyncpg.Record) -> int | None:
 
 
 async def _setup(url: str, user: str, amount: int) -> None:
-    async with httpx.AsyncClient(base_url=url) as http:
+    async with httpx.AsyncClient(base_url=url, headers=AUTH) as http:
         for path, body in (
             ("/v1/assets", {"code": "GOLD", "name": "Gold", "decimals": 0}),
             ("/v1/wallets", {"user_id": user}),
@@ -44,7 +44,7 @@ async def _send_split(
     request: Callable[[int], tuple[str, dict[str, object], str]],
 ) -> list[asyncio.Task[httpx.Response]]:
     """``count`` requests, alternating between the two servers, all in flight at once."""
-    clients = [httpx.AsyncClient(base_url=s.url, timeout=60) for s in servers]
+    clients = [httpx.AsyncClient(base_url=s.url, timeout=60, headers=AUTH) for s in servers]
 
     async def send(i: int) -> httpx.Response:
         path, body, key = request(i)

@@ -175,6 +175,9 @@ async def test_a_rehashed_overdraft_is_still_caught(pool: asyncpg.Pool, store: E
         # A command left without its outcome (a claim that should never have been committed).
         ("UPDATE commands SET outcome = NULL, response = NULL WHERE command_id = (SELECT min(command_id) "
          "FROM commands WHERE stream_id = 'wallet:ben')", "command_outcome", "wallet:ben"),
+        # A transaction credited to another caller.
+        ("UPDATE events SET metadata = metadata || '{\"created_by\": \"mallory\"}' "
+         "WHERE stream_id = 'wallet:ann' AND stream_version = 2", "created_by", "wallet:ann"),
     ],
 )  # fmt: skip
 async def test_each_disagreement_is_named(

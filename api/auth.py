@@ -1,0 +1,184 @@
+"""Who is calling: bearer secrets, clients and their scopes.
+
+A client (``clients``) is a named caller with scopes and, optionally, an asset allowlist and a rate
+limit; it holds one or two live secrets (``client_secrets``, two only while rotating), created by
+``tally keys`` (api/keys.py). A secret reads ``tally_sk_<id>_<random>``: the prefix lets secret
+scanners find a leaked one, ``<id>`` finds its row, and only the SHA-256 of the whole secret is
+stored (256 random bits need no slow hash); the comparison is constant-time.
+
+Every request but the open ones (``/health/*``, and the docs unless ``TALLY_DOCS_PUBLIC=false``)
+passes ``BearerAuthentication``, which puts the caller's ``Principal`` on the request (or answers
+401), then ``require_scope``, which checks the route's scope (``opt={"scope": ...}``; a route that
+names none needs ``admin``) and answers 403. What a secret resolves to is cached for
+``CACHE_SECONDS`` per process, so a revoked secret fails on every process within that time; an
+expiry is checked on every request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Final
+
+import asyncpg
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+from litestar.middleware.authentication import AbstractAuthenticationMiddleware, AuthenticationResult
+
+ADMIN: Final = "admin"
+# Every scope a client can hold; `admin` is every scope, present and future.
+SCOPES: Final = (
+    "assets:write", "wallets:write", "credits:top-up", "credits:bonus", "credits:spend",
+    "credits:reverse", "holds:write", "ledger:read", "events:read", "webhooks:manage", "metrics:read",
+    ADMIN,
+)  # fmt: skip
+
+SECRET_PREFIX: Final = "tally_sk_"  # noqa: S105 (a prefix, not a secret)
+_SECRET: Final = re.compile(r"tally_sk_([0-9a-f]{16})_[A-Za-z0-9_-]{43}")
+CACHE_SECONDS: Final = 2.0
+_CACHE_LIMIT: Final = 10_000
+
+_LOOKUP: Final = """
+SELECT c.client_id::text AS client_id, c.name, c.scopes, c.assets, c.rate_limit, s.secret_hash,
+       c.revoked_at IS NOT NULL AS revoked,
+       extract(epoch FROM least(c.expires_at, s.expires_at))::float8 AS expires_at
+  FROM client_secrets s JOIN clients c USING (client_id)
+ WHERE s.secret_id = $1
+"""
+
+
+class Unauthenticated(Exception):
+    """401: no secret, or one that is unknown, revoked or expired."""
+
+    code = "unauthenticated"
+
+
+class Forbidden(Exception):
+    """403: the secret is good but its client may not do this; ``extra`` names the scope or asset."""
+
+    code = "forbidden"
+
+    def __init__(self, detail: str, **extra: str) -> None:
+        super().__init__(detail)
+        self.extra = extra
+
+
+def secret_hash(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def secret_id_of(secret: str) -> str | None:
+    """The ``<id>`` part of a well-formed secret, or None."""
+    match = _SECRET.fullmatch(secret)
+    return match.group(1) if match else None
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller: the client behind the secret."""
+
+    client_id: str
+    name: str
+    scopes: frozenset[str]
+    assets: frozenset[str] | None  # None: every asset
+    rate_limit: int | None  # requests per second; None: the default (TALLY_RATE_LIMIT)
+    expires_at: float | None  # the secret's or the client's end, whichever comes first
+
+    def allows(self, scope: str) -> bool:
+        return ADMIN in self.scopes or scope in self.scopes
+
+    def require_asset(self, asset: str) -> None:
+        if self.assets is not None and asset not in self.assets:
+            raise Forbidden(f"this key may not use asset {asset}", asset=asset)
+
+
+class Authenticator:
+    """Resolves ``Authorization: Bearer <secret>`` to a Principal, with a short per-process cache."""
+
+    def __init__(self, pool: asyncpg.Pool, *, cache_seconds: float = CACHE_SECONDS) -> None:
+        self._pool = pool
+        self._cache_seconds = cache_seconds
+        self._cache: dict[bytes, tuple[float, Principal | None]] = {}
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        if authorization is None:
+            raise Unauthenticated("this request needs an API key: Authorization: Bearer <secret>")
+        scheme, _, secret = authorization.partition(" ")
+        secret = secret.strip()
+        if scheme.lower() != "bearer" or not secret:
+            raise Unauthenticated("the Authorization header must be: Bearer <secret>")
+        principal = await self._resolve(secret)
+        if principal is None or (principal.expires_at is not None and principal.expires_at <= time.time()):
+            raise Unauthenticated("this API key is unknown, revoked or expired")
+        return principal
+
+    async def _resolve(self, secret: str) -> Principal | None:
+        secret_id = secret_id_of(secret)
+        if secret_id is None:
+            return None
+        digest = secret_hash(secret)
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and now - cached[0] < self._cache_seconds:
+            return cached[1]
+        row = await self._pool.fetchrow(_LOOKUP, secret_id)
+        principal = None
+        if row is not None and hmac.compare_digest(bytes(row["secret_hash"]), digest) and not row["revoked"]:
+            principal = Principal(
+                client_id=row["client_id"],
+                name=row["name"],
+                scopes=frozenset(row["scopes"]),
+                assets=None if row["assets"] is None else frozenset(row["assets"]),
+                rate_limit=row["rate_limit"],
+                expires_at=row["expires_at"],
+            )
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[digest] = (now, principal)
+        return principal
+
+
+class BearerAuthentication(AbstractAuthenticationMiddleware):
+    """Puts the caller's Principal on ``request.user``, or answers 401 (api/errors.py)."""
+
+    async def authenticate_request(
+        self, connection: ASGIConnection[Any, Any, Any, Any]
+    ) -> AuthenticationResult:
+        authenticator: Authenticator = connection.app.state.authenticator
+        principal = await authenticator.authenticate(connection.headers.get("authorization"))
+        limiter = connection.app.state.rate_limiter
+        await limiter.check(principal)
+        return AuthenticationResult(user=principal, auth=None)
+
+
+def route_scope(handler: BaseRouteHandler) -> str:
+    """The scope a route needs: its ``opt["scope"]``; ``admin`` when it names none (closed by default)."""
+    scope = handler.opt.get("scope", ADMIN)
+    assert scope in SCOPES, f"{handler} names an unknown scope {scope!r}"
+    return str(scope)
+
+
+def require_scope(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """The guard on every route: the caller's client must hold the route's scope (or ``admin``).
+    Routes the authentication middleware lets through without a key (health, docs) have no caller
+    and need none."""
+    principal = connection.scope.get("user")
+    if principal is None:
+        return
+    assert isinstance(principal, Principal)
+    scope = route_scope(handler)
+    if not principal.allows(scope):
+        raise Forbidden(f"this key lacks the scope {scope}", scope=scope)
+
+
+def scoped(scope: str) -> dict[str, Any]:
+    """A route's scope, as keyword arguments for its decorator: the guard reads ``opt``, and the
+    OpenAPI description says it."""
+    assert scope in SCOPES
+    return {
+        "opt": {"scope": scope},
+        "description": f"Needs an API key with the scope `{scope}` (or `admin`).",
+    }
