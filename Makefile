@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
+# make run: the API and the projector log in as tally_app, the least-privileged role
+# `tally migrate` makes (migrate, seed and keys work as the owner).
+run: export TALLY_APP_ROLE ?= tally_app
 run: $(STAMP)
 	$(BIN)/tally migrate
 	$(BIN)/tally seed

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 import asyncpg
 import msgspec
 
-from api.database import create_pool, database_url
+from api.database import app_url, create_pool, database_url, owner_url
 from api.keys import ClientInfo, CreatedKey
-from api.migrate import MigrationError, migrate
+from api.migrate import Migrated, MigrationError, migrate
 from api.observability import configure_logging
 from api.settings import Settings, SettingsError, load_settings
 
@@ -30,15 +30,21 @@ if TYPE_CHECKING:
 log = logging.getLogger("tally")
 
 
-async def _migrate(url: str) -> None:
+async def _migrate(url: str, settings: Settings) -> None:
     conn = await asyncpg.connect(url)
     try:
-        done = await migrate(conn)
+        done = await migrate(conn, app_role=settings.app_role, app_password=settings.app_password)
     finally:
         await conn.close()
     if done.nothing:
         print("migrations: up to date")
-        return
+    else:
+        _print_migrated(done)
+    if settings.app_role:
+        print(f"application role: {settings.app_role} ({done.app_role})")
+
+
+def _print_migrated(done: Migrated) -> None:
     print(
         f"migrations: {len(done.migrations)} applied"
         + (f" ({', '.join(done.migrations)})" * bool(done.migrations))
@@ -324,10 +330,16 @@ def _keys_parser(keys: argparse.ArgumentParser) -> None:
     actions.add_parser("dev", help="the development client's key (make run), made once under TALLY_DATA_DIR")
 
 
-def _dispatch(args: argparse.Namespace, url: str, settings: Settings) -> int:
+# The commands that change the schema or what only the owner may write (clients, rebuild's tables);
+# every other command connects as the application (api/database.py, app_url).
+OWNER_COMMANDS = frozenset({"migrate", "seed", "rebuild", "keys"})
+
+
+def _dispatch(args: argparse.Namespace, base: str, settings: Settings) -> int:
     command = args.command
+    url = owner_url(settings, base) if command in OWNER_COMMANDS else app_url(settings, base)
     if command == "migrate":
-        asyncio.run(_migrate(url))
+        asyncio.run(_migrate(url, settings))
     elif command == "seed":
         asyncio.run(_seed(url, settings))
     elif command == "serve":

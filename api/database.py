@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -78,9 +79,32 @@ def _is_alive(pid: int) -> bool:
     return True
 
 
+def with_user(url: str, user: str, password: str | None) -> str:
+    """``url`` logging in as ``user`` (with ``password``, if any) instead."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    login = quote(user, safe="") + (":" + quote(password, safe="") if password else "")
+    return urlunsplit(parts._replace(netloc=f"{login}@{host}"))
+
+
+def app_url(settings: Settings, base: str) -> str:
+    """What ``tally serve``, ``tally projector`` and the read-only commands connect with:
+    ``DATABASE_URL`` as given when ``TALLY_OWNER_DATABASE_URL`` is set (a deployment names both);
+    otherwise ``base`` logging in as ``TALLY_APP_ROLE`` when it is set (``make run``)."""
+    if settings.owner_database_url or not settings.app_role:
+        return base
+    return with_user(base, settings.app_role, settings.app_password)
+
+
+def owner_url(settings: Settings, base: str) -> str:
+    """What ``tally migrate``, ``tally rebuild``, ``tally keys`` and ``tally seed`` connect with."""
+    return settings.owner_database_url or base
+
+
 @contextlib.contextmanager
 def database_url(settings: Settings) -> Iterator[str]:
-    """The URL to connect to: ``DATABASE_URL`` when set, else the embedded server's ``tally`` database."""
+    """The server's URL: ``DATABASE_URL`` when set, else the embedded server's ``tally`` database
+    (as its superuser); app_url and owner_url say which login each command uses."""
     if settings.database_url:
         yield settings.database_url
         return

@@ -15,6 +15,14 @@ Three kinds of source, applied in this order in **one transaction** (a failure c
    whose signature changes, or that goes away, is dropped by a numbered migration (as 0006 does).
 3. **Flows** (domain/flows.py), written into ``flows``. A flow already there must be unchanged:
    stored transactions were checked against it.
+
+Then, when ``TALLY_APP_ROLE`` is set, the **application role**: created if it is missing (a login
+role, with ``TALLY_APP_PASSWORD`` when given), refused if it is privileged, and granted exactly what
+``tally serve`` and ``tally projector`` need, afresh on every run (``_grant``): it reads every table,
+writes only the read models and the projection checkpoints, and changes history only through the
+command functions, which run as their owner (``SECURITY DEFINER``, with the search path pinned when
+they are created). It cannot UPDATE, DELETE or TRUNCATE events or commands, ALTER them or disable
+their triggers, or CREATE in the schema.
 """
 
 from __future__ import annotations
@@ -80,11 +88,13 @@ class MigrationError(RuntimeError):
 
 
 class Migrated(msgspec.Struct, frozen=True, kw_only=True):
-    """What one ``migrate`` call applied: numbered files, definition files, new flows."""
+    """What one ``migrate`` call applied: numbered files, definition files, new flows, and what
+    became of the application role ("created", "granted" or "" when none was named)."""
 
     migrations: list[str]
     definitions: list[str]
     flows: list[str]
+    app_role: str = ""
 
     @property
     def nothing(self) -> bool:
@@ -168,6 +178,9 @@ async def _definitions(conn: asyncpg.Connection, force: bool) -> list[str]:
     if not force and recorded == {name: checksum(sql) for name, sql in files}:
         return []
     await conn.execute("SET LOCAL check_function_bodies = off")
+    # The command functions pin this search path (SET search_path FROM CURRENT): they run as their
+    # owner, so no schema the caller controls (pg_temp included) may come before this one.
+    await conn.execute("SELECT set_config('search_path', format('%I, pg_temp', current_schema()), true)")
     for name, sql in files:
         try:
             await conn.execute(sql)
@@ -196,8 +209,79 @@ async def _flows(conn: asyncpg.Connection) -> list[str]:
     return added
 
 
-async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> Migrated:
-    """Apply what is pending: numbered migrations, definitions, flows; all or nothing."""
+# What the application role may write besides calling the command functions: the read models
+# and the projections' checkpoints (the projector runs as it). Everything else it may only read.
+_APP_WRITES: Final = (
+    "rm_assets", "rm_wallets", "rm_balances", "rm_transactions", "rm_history_wallets", "rm_system_balances",
+    "projection_checkpoints",
+)  # fmt: skip
+
+
+async def _grant(conn: asyncpg.Connection, role: str, password: str | None) -> str:
+    """Create ``role`` if missing, refuse it if privileged, and grant it what the API and the
+    projector need (and nothing else: earlier grants are revoked first)."""
+    current = await conn.fetchval("SELECT current_user")
+    if role == current:
+        raise MigrationError(f"TALLY_APP_ROLE={role} is the role migrating (the schema owner): name another")
+    attrs = await conn.fetchrow(
+        "SELECT rolsuper OR rolcreaterole OR rolcreatedb OR rolbypassrls OR rolreplication AS privileged "
+        "FROM pg_roles WHERE rolname = $1",
+        role,
+    )
+    if attrs is None:
+        statement = "CREATE ROLE %I LOGIN" + (" PASSWORD %L" if password else "")
+        outcome = "created"
+    else:
+        if attrs["privileged"]:
+            raise MigrationError(f"role {role} is privileged (superuser, CREATEROLE, CREATEDB, BYPASSRLS or "
+                                 "REPLICATION): the application role must not be")  # fmt: skip
+        statement = "ALTER ROLE %I LOGIN" + (" PASSWORD %L" if password else "")
+        outcome = "granted"
+    try:
+        await conn.execute(
+            await conn.fetchval("SELECT format($1, $2::text, $3::text)", statement, role, password)
+        )
+    except asyncpg.InsufficientPrivilegeError as exc:
+        raise MigrationError(
+            f"cannot create or alter role {role} ({exc}): create it yourself (CREATE ROLE {role} LOGIN "
+            "PASSWORD '...'), then run tally migrate again"
+        ) from exc
+    owned = await conn.fetchval(
+        "SELECT count(*) FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner WHERE r.rolname = $1", role
+    )
+    if owned:
+        raise MigrationError(f"role {role} owns {owned} relations in this database: it must own none")
+    grants = f"""
+        GRANT CONNECT ON DATABASE {{db}} TO {{role}};
+        REVOKE CREATE ON SCHEMA {{schema}} FROM PUBLIC;
+        REVOKE ALL ON SCHEMA {{schema}} FROM {{role}};
+        GRANT USAGE ON SCHEMA {{schema}} TO {{role}};
+        REVOKE ALL ON ALL TABLES IN SCHEMA {{schema}} FROM {{role}};
+        REVOKE ALL ON ALL SEQUENCES IN SCHEMA {{schema}} FROM {{role}};
+        GRANT SELECT ON ALL TABLES IN SCHEMA {{schema}} TO {{role}};
+        GRANT INSERT, UPDATE, DELETE ON {", ".join(_APP_WRITES)} TO {{role}};
+        REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA {{schema}} FROM PUBLIC;
+        GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {{schema}} TO {{role}};
+    """
+    names = await conn.fetchrow(
+        "SELECT quote_ident(current_database()) AS db, quote_ident(current_schema()) AS schema, "
+        "quote_ident($1) AS role",
+        role,
+    )
+    assert names is not None
+    await conn.execute(grants.format(db=names["db"], schema=names["schema"], role=names["role"]))
+    return outcome
+
+
+async def migrate(
+    conn: asyncpg.Connection,
+    directory: Path | None = None,
+    *,
+    app_role: str | None = None,
+    app_password: str | None = None,
+) -> Migrated:
+    """Apply what is pending: numbered migrations, definitions, flows, and the application role's
+    grants when one is named; all or nothing."""
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
     try:
         async with conn.transaction():
@@ -205,6 +289,7 @@ async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> Mi
             applied = await _numbered(conn, directory or migrations_dir())
             defined = await _definitions(conn, force=bool(applied))
             flows = await _flows(conn)
+            role = await _grant(conn, app_role, app_password) if app_role else ""
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
-    return Migrated(migrations=applied, definitions=defined, flows=flows)
+    return Migrated(migrations=applied, definitions=defined, flows=flows, app_role=role)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -19,6 +20,7 @@ ENVIRONMENT_VARIABLES = (
     "TALLY_CONSISTENCY_TIMEOUT", "TALLY_PROJECTOR_BATCH_SIZE", "TALLY_PROJECTOR_POLL_INTERVAL",
     "TALLY_IDLE_IN_TRANSACTION_TIMEOUT_MS", "TALLY_LOG_LEVEL", "TALLY_LOG_FORMAT",
     "TALLY_READY_MAX_LAG_SECONDS", "TALLY_MIGRATIONS_DIR", "TALLY_DOCS_PUBLIC", "TALLY_RATE_LIMIT",
+    "TALLY_OWNER_DATABASE_URL", "TALLY_APP_ROLE", "TALLY_APP_PASSWORD",
 )  # fmt: skip
 
 
@@ -29,6 +31,13 @@ class SettingsError(ValueError):
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # PostgreSQL URL. Unset: an embedded PostgreSQL under ``data_dir`` (development and tests).
     database_url: str | None = None
+    # The schema owner's URL, for `tally migrate`, `tally rebuild`, `tally keys` and `tally seed`;
+    # unset: the same server as DATABASE_URL (api/database.py, owner_url).
+    owner_database_url: str | None = None
+    # The least-privileged login role `tally migrate` creates and grants (api/migrate.py); with
+    # TALLY_OWNER_DATABASE_URL unset, `tally serve` and `tally projector` connect as this role.
+    app_role: str | None = None
+    app_password: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     data_dir: Path = Path(".data")
@@ -97,6 +106,12 @@ def _log_format(raw: str) -> str:
     return value
 
 
+def _role(raw: str) -> str:
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", raw):
+        raise ValueError("must be a PostgreSQL role name of [a-z0-9_], starting with a letter or _")
+    return raw
+
+
 def _boolean(raw: str) -> bool:
     value = raw.lower()
     if value not in {"true", "false", "1", "0", "yes", "no"}:
@@ -110,6 +125,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     d = Settings()
     settings = Settings(
         database_url=env.get("DATABASE_URL") or None,
+        owner_database_url=env.get("TALLY_OWNER_DATABASE_URL") or None,
+        app_role=_parse(env, "TALLY_APP_ROLE", _role, None),
+        app_password=env.get("TALLY_APP_PASSWORD") or None,
         host=env.get("HOST") or d.host,
         port=_parse(env, "PORT", _port, d.port),
         data_dir=_parse(env, "TALLY_DATA_DIR", Path, d.data_dir),

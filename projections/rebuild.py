@@ -95,6 +95,21 @@ async def _apply(conn: asyncpg.Connection, name: str, batch: int) -> int:
     return applied
 
 
+async def _copy_grants(conn: asyncpg.Connection, table: str, schema: str) -> None:
+    """Give the copy the live table's grants (the application role's, api/migrate.py), so the API
+    and the projector keep their access to the read model it replaces."""
+    grants = await conn.fetch(
+        """SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END
+                  AS grantee, string_agg(a.privilege_type, ', ') AS privileges
+             FROM pg_class c, aclexplode(c.relacl) a
+            WHERE c.oid = $1::regclass AND a.grantee <> c.relowner
+            GROUP BY a.grantee""",
+        f"public.{table}",
+    )
+    for grant in grants:
+        await conn.execute(f"GRANT {grant['privileges']} ON {schema}.{table} TO {grant['grantee']}")
+
+
 async def _swap(conn: asyncpg.Connection, name: str, batch: int) -> tuple[int, int]:
     """Finish the replay and swap the copies in, atomically. Returns (events applied, generation).
 
@@ -116,6 +131,7 @@ async def _swap(conn: asyncpg.Connection, name: str, batch: int) -> tuple[int, i
         while (n := await _apply(conn, name, batch)) > 0:
             applied += n
         for table in TABLES[name]:
+            await _copy_grants(conn, table, schema)
             await conn.execute(f"DROP TABLE public.{table}")
             await conn.execute(f"ALTER TABLE {schema}.{table} SET SCHEMA public")
         generation: int = await conn.fetchval(

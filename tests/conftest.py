@@ -26,12 +26,12 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
-from api.database import embedded_server
+from api.database import embedded_server, with_user
 from api.migrate import migrate
 from api.settings import Settings
 from commands import EventStore
 from domain import decode_event
-from tests.helpers import AUTH, add_test_client
+from tests.helpers import APP_ROLE, AUTH, add_test_client
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +50,7 @@ async def _create_template(admin_url: str, name: str) -> None:
         await admin.close()
     conn = await asyncpg.connect(with_database(admin_url, name))
     try:
-        await migrate(conn)
+        await migrate(conn, app_role=APP_ROLE)
         await add_test_client(conn)
     finally:
         await conn.close()
@@ -123,6 +123,13 @@ async def db_url(admin_url: str, template_db: str, foreign_events: set[int]) -> 
 
 
 @pytest.fixture
+def app_db_url(db_url: str) -> str:
+    """The test database as the application's least-privileged role (``tally migrate`` made it):
+    what the API and the projector connect with, here as in a deployment."""
+    return with_user(db_url, APP_ROLE, None)
+
+
+@pytest.fixture
 async def pool(db_url: str) -> AsyncIterator[asyncpg.Pool]:
     pool = await asyncpg.create_pool(db_url, min_size=1, max_size=60)
     yield pool
@@ -135,8 +142,8 @@ def store(pool: asyncpg.Pool) -> EventStore:
 
 
 @pytest.fixture
-def settings(db_url: str) -> Settings:
-    return Settings(database_url=db_url, consistency_timeout=5.0, projector_poll_interval=0.2)
+def settings(app_db_url: str) -> Settings:
+    return Settings(database_url=app_db_url, consistency_timeout=5.0, projector_poll_interval=0.2)
 
 
 class LiveServer(NamedTuple):
@@ -154,10 +161,11 @@ def _free_port() -> int:
 @contextlib.asynccontextmanager
 async def serving(db_url: str, *, projector: bool = True) -> AsyncIterator[LiveServer]:
     """`tally serve` (with ``--projector`` unless told otherwise) as its own process on a free
-    loopback port; stopped (SIGTERM) on the way out."""
+    loopback port, connected as the application role; stopped (SIGTERM) on the way out."""
     port = _free_port()
     env = {
-        **os.environ, "DATABASE_URL": db_url, "HOST": "127.0.0.1", "PORT": str(port),
+        **os.environ, "DATABASE_URL": with_user(db_url, APP_ROLE, None), "HOST": "127.0.0.1",
+        "PORT": str(port),
         "TALLY_LOG_LEVEL": "warning", "TALLY_PROJECTOR_POLL_INTERVAL": "0.2",
     }  # fmt: skip
     process = await asyncio.create_subprocess_exec(

@@ -19,6 +19,9 @@ from domain import DefineAsset, GrantBonus, OpenWallet, SpendCredits, TopUpCredi
 from projections.positions import Position
 from projections.projector import catch_up, project_batch
 
+# The application's least-privileged database role, made by `tally migrate` in the template.
+APP_ROLE = "tally_test_app"
+
 # The client every test database holds (conftest adds it to the template): every scope, and a
 # fixed secret, which the HTTP test clients send.
 TEST_CLIENT_ID = "7e570000-0000-4000-8000-000000000001"

@@ -2,9 +2,11 @@
 -- client's Idempotency-Key. `p_command` is commands.event_store.CommandRecord as JSON:
 -- {key, client, fingerprint, context, command: {code, name, decimals}}. Returns the domain outcome
 -- (`accepted` or `asset_exists`, both recorded and replayed), the response body, and whether it
--- was replayed.
+-- was replayed. Runs as its owner (SECURITY DEFINER): the application role may call it, and cannot
+-- write these tables itself (api/migrate.py).
 CREATE OR REPLACE FUNCTION tally_define_asset(p_command jsonb)
-RETURNS TABLE (outcome text, body text, replayed boolean) LANGUAGE plpgsql AS $$
+RETURNS TABLE (outcome text, body text, replayed boolean) LANGUAGE plpgsql
+SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
     v_key text := p_command ->> 'key';
     v_client uuid := (p_command ->> 'client')::uuid;

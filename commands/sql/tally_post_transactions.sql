@@ -38,6 +38,8 @@
 -- * Only the user's wallet row is locked: the system legs (treasury, bonus, revenue) ride in the
 --   user's event and are totalled by the projections; system accounts have no floor, so no command
 --   ever queues on a hot system row.
+-- * It runs as its owner (SECURITY DEFINER, search path pinned): the application role may call it,
+--   and cannot write streams, events or commands itself (api/migrate.py).
 -- * Any unexpected error aborts the whole batch (nothing is applied); the caller then retries its
 --   commands one by one.
 -- tests/integration/test_model_based.py drives this function with concurrent batches against a
@@ -61,7 +63,8 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 CREATE OR REPLACE FUNCTION tally_post_transactions(p_commands jsonb)
-RETURNS TABLE (idx int, outcome text, body text, replayed boolean) LANGUAGE plpgsql AS $$
+RETURNS TABLE (idx int, outcome text, body text, replayed boolean) LANGUAGE plpgsql
+SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
     n int := jsonb_array_length(p_commands);
     o_outcome text[] := array_fill(NULL::text, ARRAY[n]);

@@ -93,9 +93,20 @@ def test_compose_commands_and_variables_exist() -> None:
         assert set(service["environment"]) <= set(ENVIRONMENT_VARIABLES), name
         assert service["build"] == "."
         assert (ROOT / "Dockerfile").exists()
-    # The one database URL points at the compose database, with its user and database.
-    url = COMPOSE["services"]["api"]["environment"]["DATABASE_URL"]
-    assert re.fullmatch(r"postgresql://tally:\$\{POSTGRES_PASSWORD:-[^}]+\}@db:5432/tally", url), url
+    # The API and the projector log in as the application role; migrate and seed as the owner,
+    # and migrate makes that role. No password has a default: compose refuses to start without.
+    for name in ("api", "projector"):
+        env = COMPOSE["services"][name]["environment"]
+        assert re.fullmatch(r"postgresql://tally_app:\$\{TALLY_APP_PASSWORD:\?[^}]+\}@db:5432/tally",
+                            env["DATABASE_URL"]), env  # fmt: skip
+        assert "TALLY_OWNER_DATABASE_URL" not in env
+    for name in ("migrate", "seed"):
+        env = COMPOSE["services"][name]["environment"]
+        assert re.fullmatch(r"postgresql://tally:\$\{POSTGRES_PASSWORD:\?[^}]+\}@db:5432/tally",
+                            env["TALLY_OWNER_DATABASE_URL"]), env  # fmt: skip
+        assert env["TALLY_APP_ROLE"] == "tally_app"
+    assert ":-" not in (ROOT / "docker-compose.yml").read_text().split("PASSWORD")[1]
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
 
 
 def test_render_services_databases_commands_and_variables_exist() -> None:
@@ -109,8 +120,12 @@ def test_render_services_databases_commands_and_variables_exist() -> None:
     assert shlex.split(kinds["worker"]["dockerCommand"]) == ["tally", "projector"]
     for service in RENDER["services"]:
         assert (ROOT / service["dockerContext"] / service["dockerfilePath"]).exists()
-        keys = {v["key"] for v in service["envVars"]}
-        assert "DATABASE_URL" in keys
+        groups = {g["name"]: g["envVars"] for g in RENDER["envVarGroups"]}
+        keys = {v["key"] for v in service["envVars"] if "key" in v}
+        keys |= {
+            v["key"] for ref in service["envVars"] if "fromGroup" in ref for v in groups[ref["fromGroup"]]
+        }
+        assert {"DATABASE_URL", "TALLY_APP_ROLE", "TALLY_APP_PASSWORD"} <= keys
         assert keys <= set(ENVIRONMENT_VARIABLES), service["name"]
         for var in service["envVars"]:
             if "fromDatabase" in var:
