@@ -25,6 +25,7 @@ from api.observability import configure_logging
 from api.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
+    from projections.anchor import Anchor
     from projections.verify import VerifyReport
 
 log = logging.getLogger("tally")
@@ -113,12 +114,24 @@ async def _projector(url: str, settings: Settings) -> None:
         await pool.close()
 
 
-async def _verify(url: str) -> VerifyReport:
+def _load_anchors(files: list[str]) -> list[tuple[str, Anchor]]:
+    from projections.anchor import load_anchor
+
+    anchors = []
+    for name in files:
+        try:
+            anchors.append((name, load_anchor(Path(name).read_bytes())))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--anchor {name}: {exc}") from None
+    return anchors
+
+
+async def _verify(url: str, anchors: list[tuple[str, Anchor]], key: str | None) -> VerifyReport:
     from projections.verify import verify
 
     conn = await asyncpg.connect(url, server_settings={"application_name": "tally-verify"})
     try:
-        return await verify(conn)
+        return await verify(conn, anchors, key)
     finally:
         await conn.close()
 
@@ -131,6 +144,27 @@ def _report_verification(report: VerifyReport, report_path: str | None) -> int:
         Path(report_path).write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2))
         print(f"report written to {report_path}")
     return 0 if report.ok else 1
+
+
+async def _anchor(url: str, key: str | None) -> Anchor:
+    from projections.anchor import make_anchor
+
+    conn = await asyncpg.connect(url, server_settings={"application_name": "tally-anchor"})
+    try:
+        return await make_anchor(conn, key)
+    finally:
+        await conn.close()
+
+
+def _write_anchor(anchor: Anchor, out: str | None) -> None:
+    document = msgspec.json.format(msgspec.json.encode(anchor), indent=2)
+    if out is None:
+        print(document.decode())
+        return
+    Path(out).write_bytes(document + b"\n")
+    signed = "with an HMAC" if anchor.hmac else "no HMAC: TALLY_ANCHOR_KEY is unset"
+    print(f"anchor of {anchor.streams} streams at position {anchor.position} written to {out} "
+          f"(digest {anchor.digest[:16]}…, {signed}); keep it outside the database")  # fmt: skip
 
 
 async def _rebuild(url: str, names: list[str], restart: bool, batch: int) -> None:
@@ -285,6 +319,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("projector", help="run the projector (one active per database; others stand by)")
     verify = sub.add_parser("verify", help="prove from the events that every balance is right")
     verify.add_argument("--report", metavar="FILE", help="also write the full report as JSON")
+    verify.add_argument(
+        "--anchor", metavar="FILE", action="append", default=[],
+        help="also prove the history still holds what this anchor (tally anchor) committed to; repeatable",
+    )  # fmt: skip
+    anchor = sub.add_parser("anchor", help="a statement of every stream's head, to keep outside the database")
+    anchor.add_argument("--out", metavar="FILE", help="write it here (default: print it)")
     rebuild = sub.add_parser("rebuild", help="replay every event into fresh read models, then swap them in")
     rebuild.add_argument("--projection", choices=["wallets", "history", "system"], help="only this one")
     rebuild.add_argument("--restart", action="store_true", help="discard an interrupted rebuild's progress")
@@ -348,7 +388,10 @@ def _dispatch(args: argparse.Namespace, base: str, settings: Settings) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_projector(url, settings))
     elif command == "verify":
-        return _report_verification(asyncio.run(_verify(url)), args.report)
+        anchors = _load_anchors(args.anchor)
+        return _report_verification(asyncio.run(_verify(url, anchors, settings.anchor_key)), args.report)
+    elif command == "anchor":
+        _write_anchor(asyncio.run(_anchor(url, settings.anchor_key)), args.out)
     elif command == "rebuild":
         names = [args.projection] if args.projection else ["wallets", "history", "system"]
         asyncio.run(_rebuild(url, names, args.restart, args.batch))

@@ -20,7 +20,7 @@ ENVIRONMENT_VARIABLES = (
     "TALLY_CONSISTENCY_TIMEOUT", "TALLY_PROJECTOR_BATCH_SIZE", "TALLY_PROJECTOR_POLL_INTERVAL",
     "TALLY_IDLE_IN_TRANSACTION_TIMEOUT_MS", "TALLY_LOG_LEVEL", "TALLY_LOG_FORMAT",
     "TALLY_READY_MAX_LAG_SECONDS", "TALLY_MIGRATIONS_DIR", "TALLY_DOCS_PUBLIC", "TALLY_RATE_LIMIT",
-    "TALLY_OWNER_DATABASE_URL", "TALLY_APP_ROLE", "TALLY_APP_PASSWORD",
+    "TALLY_OWNER_DATABASE_URL", "TALLY_APP_ROLE", "TALLY_APP_PASSWORD", "TALLY_ANCHOR_KEY",
 )  # fmt: skip
 
 
@@ -38,6 +38,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # TALLY_OWNER_DATABASE_URL unset, `tally serve` and `tally projector` connect as this role.
     app_role: str | None = None
     app_password: str | None = None
+    # The key of anchors' HMACs (tally anchor, tally verify --anchor); kept outside the database.
+    anchor_key: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     data_dir: Path = Path(".data")
@@ -128,6 +130,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         owner_database_url=env.get("TALLY_OWNER_DATABASE_URL") or None,
         app_role=_parse(env, "TALLY_APP_ROLE", _role, None),
         app_password=env.get("TALLY_APP_PASSWORD") or None,
+        anchor_key=env.get("TALLY_ANCHOR_KEY") or None,
         host=env.get("HOST") or d.host,
         port=_parse(env, "PORT", _port, d.port),
         data_dir=_parse(env, "TALLY_DATA_DIR", Path, d.data_dir),

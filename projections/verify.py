@@ -13,6 +13,7 @@ independently of the projection functions, so a bug in a projection shows up as 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Final
 
@@ -21,6 +22,7 @@ import msgspec
 
 from domain import ACCEPTED, MAX_AMOUNT, MAX_BIGINT, RECORDED_OUTCOMES
 from domain.values import BEFORE_IDENTITIES_CLIENT
+from projections.anchor import Anchor, check_anchor
 
 FINDINGS_PER_CHECK: Final = 1000
 
@@ -416,8 +418,12 @@ SELECT (SELECT count(*) FROM events) AS events, (SELECT count(*) FROM streams) A
 """
 
 
-async def verify(conn: asyncpg.Connection) -> VerifyReport:
-    """Run every check in one consistent snapshot; the report lists each check and its findings."""
+async def verify(
+    conn: asyncpg.Connection, anchors: Sequence[tuple[str, Anchor]] = (), anchor_key: str | None = None
+) -> VerifyReport:
+    """Run every check in one consistent snapshot; the report lists each check and its findings.
+    Each of ``anchors`` (a label, such as its file's name, and the anchor) is checked too
+    (projections/anchor.py), with ``anchor_key`` for their HMACs."""
     started_at = datetime.now(UTC)
     clock = time.perf_counter()
     findings: list[Finding] = []
@@ -444,6 +450,24 @@ async def verify(conn: asyncpg.Connection) -> VerifyReport:
                 )
             )
             findings.extend(Finding(**dict(zip(_FINDING_FIELDS, r, strict=True))) for r in rows)
+        for label, anchor in anchors:
+            check_clock = time.perf_counter()
+            problems = await check_anchor(conn, anchor, anchor_key)
+            results.append(
+                CheckResult(
+                    name="anchor",
+                    description=f"{label}: the history holds every stream head anchored at position "
+                    f"{anchor.position} ({anchor.created_at})",
+                    findings=min(len(problems), FINDINGS_PER_CHECK),
+                    truncated=len(problems) > FINDINGS_PER_CHECK,
+                    seconds=round(time.perf_counter() - check_clock, 3),
+                )
+            )
+            findings.extend(
+                Finding(check="anchor", detail=f"{label}: {p.detail}", stream_id=p.stream_id,
+                        stream_version=p.stream_version, expected=p.expected, found=p.found)
+                for p in problems[:FINDINGS_PER_CHECK]
+            )  # fmt: skip
     return VerifyReport(
         ok=not findings,
         started_at=started_at,

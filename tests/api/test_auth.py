@@ -15,10 +15,13 @@ from typing import Any, NamedTuple
 
 import asyncpg
 import httpx
+import msgspec
 from litestar.testing import AsyncTestClient
 
+from api.app import create_app
 from api.auth import SCOPES, route_scope
 from api.keys import create_client, revoke_client, rotate_client
+from api.settings import Settings
 from tests.api.support import (
     Client,
     assert_problem,
@@ -30,6 +33,7 @@ from tests.api.support import (
     top_up,
 )
 from tests.conftest import LiveServer
+from tests.helpers import api_client
 
 # Routes a caller reaches without a key.
 OPEN = {"/health/live", "/health/ready"}
@@ -336,3 +340,15 @@ async def test_the_keys_command_line(client: Client, db_url: str, pool: asyncpg.
     while (await client.get("/v1/assets", headers=bearer(new_secret))).status_code != 401:
         assert time.monotonic() < deadline, "a revoked key kept working"
         await asyncio.sleep(0.2)
+
+
+async def test_the_docs_can_be_closed(settings: Settings) -> None:
+    closed = msgspec.structs.replace(settings, docs_public=False)
+    async with api_client(create_app(closed)) as client:
+        assert (await client.get("/docs/openapi.json")).status_code == 200  # with the test's key
+        anonymous = client.build_request("GET", "/docs/openapi.json")
+        del anonymous.headers["authorization"]
+        assert_problem(await client.send(anonymous), 401, "unauthenticated")
+        live = client.build_request("GET", "/health/live")
+        del live.headers["authorization"]
+        assert (await client.send(live)).status_code == 200
