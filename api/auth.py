@@ -101,7 +101,9 @@ class Authenticator:
     def __init__(self, pool: asyncpg.Pool, *, cache_seconds: float = CACHE_SECONDS) -> None:
         self._pool = pool
         self._cache_seconds = cache_seconds
-        self._cache: dict[bytes, tuple[float, Principal | None]] = {}
+        # Known secrets, and (apart, so a flood of unknown ones cannot evict them) unknown ones.
+        self._known: dict[bytes, tuple[float, Principal]] = {}
+        self._unknown: dict[bytes, float] = {}
 
     async def authenticate(self, authorization: str | None) -> Principal:
         if authorization is None:
@@ -121,9 +123,12 @@ class Authenticator:
             return None
         digest = secret_hash(secret)
         now = time.monotonic()
-        cached = self._cache.get(digest)
-        if cached is not None and now - cached[0] < self._cache_seconds:
-            return cached[1]
+        known = self._known.get(digest)
+        if known is not None and now - known[0] < self._cache_seconds:
+            return known[1]
+        unknown = self._unknown.get(digest)
+        if unknown is not None and now - unknown < self._cache_seconds:
+            return None
         row = await self._pool.fetchrow(_LOOKUP, secret_id)
         principal = None
         if row is not None and hmac.compare_digest(bytes(row["secret_hash"]), digest) and not row["revoked"]:
@@ -135,9 +140,16 @@ class Authenticator:
                 rate_limit=row["rate_limit"],
                 expires_at=row["expires_at"],
             )
-        if len(self._cache) >= _CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[digest] = (now, principal)
+        if principal is None:
+            if len(self._unknown) >= _CACHE_LIMIT:
+                self._unknown.clear()
+            self._unknown[digest] = now
+            self._known.pop(digest, None)
+        else:
+            if len(self._known) >= _CACHE_LIMIT:
+                self._known.clear()
+            self._known[digest] = (now, principal)
+            self._unknown.pop(digest, None)
         return principal
 
 
@@ -164,10 +176,12 @@ def route_scope(handler: BaseRouteHandler) -> str:
 def require_scope(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
     """The guard on every route: the caller's client must hold the route's scope (or ``admin``).
     Routes the authentication middleware lets through without a key (health, docs) have no caller
-    and need none."""
+    and need none; closed docs need a valid key, of any scope."""
     principal = connection.scope.get("user")
     if principal is None:
         return
+    if connection.scope["path"].startswith("/docs"):
+        return  # TALLY_DOCS_PUBLIC=false: any valid key may read the docs
     assert isinstance(principal, Principal)
     scope = route_scope(handler)
     if not principal.allows(scope):

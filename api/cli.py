@@ -287,6 +287,10 @@ async def _keys(url: str, args: argparse.Namespace, settings: Settings) -> int:
             info = await keys.revoke_client(conn, args.name)
             print(f"client {info.name} revoked at {info.revoked_at:%Y-%m-%d %H:%M:%S}Z: its secrets fail "
                   "on every API process within seconds")  # fmt: skip
+        elif args.action == "adopt":
+            adopted = await keys.adopt_earlier_keys(conn, args.name)
+            print(f"client {args.name} adopted {adopted} commands recorded before callers had identities: "
+                  "its retries of them replay")  # fmt: skip
         elif args.action == "rotate":
             rotated = await keys.rotate_client(conn, args.name, args.grace)
             _print_key(rotated, args.json, f"rotated (the previous secret works for {args.grace:g} s more)")
@@ -367,6 +371,10 @@ def _keys_parser(keys: argparse.ArgumentParser) -> None:
     rotate.add_argument("name")
     rotate.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS", help="default 3600")
     rotate.add_argument("--json", action="store_true")
+    adopt = actions.add_parser(
+        "adopt", help="give the commands recorded before callers had identities to this client (once)"
+    )
+    adopt.add_argument("name")
     actions.add_parser("dev", help="the development client's key (make run), made once under TALLY_DATA_DIR")
 
 

@@ -187,6 +187,29 @@ async def rotate_client(conn: asyncpg.Connection, name: str, grace_seconds: floa
     )  # fmt: skip
 
 
+async def adopt_earlier_keys(conn: asyncpg.Connection, name: str) -> int:
+    """Give the commands recorded before callers had identities to client ``name``: its retries of
+    them replay (their stored fingerprints are the bare requests', tally_replay). For the one
+    service that called Tally before keys existed; once done, they are that client's for good.
+    Returns how many commands it adopted."""
+    async with conn.transaction():
+        client = await conn.fetchval("SELECT client_id FROM clients WHERE name = $1", name)
+        if client is None or str(client) in {BEFORE_IDENTITIES_CLIENT, SEED_CLIENT}:
+            raise KeysError(f"no client named {name} that could adopt keys")
+        try:
+            adopted: int = await conn.fetchval(
+                "WITH moved AS (UPDATE commands SET client_id = $1 WHERE client_id = $2 RETURNING 1) "
+                "SELECT count(*) FROM moved",
+                client, uuid.UUID(BEFORE_IDENTITIES_CLIENT),
+            )  # fmt: skip
+        except asyncpg.UniqueViolationError:
+            raise KeysError(
+                f"client {name} has already used some of the keys recorded before callers had identities: "
+                "adopt them with a client that has not"
+            ) from None
+    return adopted
+
+
 async def development_key(conn: asyncpg.Connection, kept: str | None) -> str:
     """The development client's secret (every scope): ``kept`` (the one made before) while the
     database accepts it; else a new one (a new database, or the file that kept it is gone)."""

@@ -209,6 +209,10 @@ async def _flows(conn: asyncpg.Connection) -> list[str]:
     return added
 
 
+_CLOSE_FUNCTIONS: Final = (
+    "SELECT format('REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA %I FROM PUBLIC', current_schema())"
+)
+
 # What the application role may write besides calling the command functions: the read models
 # and the projections' checkpoints (the projector runs as it). Everything else it may only read.
 _APP_WRITES: Final = (
@@ -224,8 +228,9 @@ async def _grant(conn: asyncpg.Connection, role: str, password: str | None) -> s
     if role == current:
         raise MigrationError(f"TALLY_APP_ROLE={role} is the role migrating (the schema owner): name another")
     attrs = await conn.fetchrow(
-        "SELECT rolsuper OR rolcreaterole OR rolcreatedb OR rolbypassrls OR rolreplication AS privileged "
-        "FROM pg_roles WHERE rolname = $1",
+        "SELECT rolsuper OR rolcreaterole OR rolcreatedb OR rolbypassrls OR rolreplication "
+        "       OR EXISTS (SELECT 1 FROM pg_auth_members m WHERE m.member = r.oid) AS privileged "
+        "FROM pg_roles r WHERE rolname = $1",
         role,
     )
     if attrs is None:
@@ -233,8 +238,9 @@ async def _grant(conn: asyncpg.Connection, role: str, password: str | None) -> s
         outcome = "created"
     else:
         if attrs["privileged"]:
-            raise MigrationError(f"role {role} is privileged (superuser, CREATEROLE, CREATEDB, BYPASSRLS or "
-                                 "REPLICATION): the application role must not be")  # fmt: skip
+            raise MigrationError(f"role {role} is privileged (superuser, CREATEROLE, CREATEDB, BYPASSRLS, "
+                                 "REPLICATION, or a member of another role): the application role must "
+                                 "not be")  # fmt: skip
         statement = "ALTER ROLE %I LOGIN" + (" PASSWORD %L" if password else "")
         outcome = "granted"
     try:
@@ -260,7 +266,6 @@ async def _grant(conn: asyncpg.Connection, role: str, password: str | None) -> s
         REVOKE ALL ON ALL SEQUENCES IN SCHEMA {{schema}} FROM {{role}};
         GRANT SELECT ON ALL TABLES IN SCHEMA {{schema}} TO {{role}};
         GRANT INSERT, UPDATE, DELETE ON {", ".join(_APP_WRITES)} TO {{role}};
-        REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA {{schema}} FROM PUBLIC;
         GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {{schema}} TO {{role}};
     """
     names = await conn.fetchrow(
@@ -289,6 +294,9 @@ async def migrate(
             applied = await _numbered(conn, directory or migrations_dir())
             defined = await _definitions(conn, force=bool(applied))
             flows = await _flows(conn)
+            # The command functions run as their owner: nobody may call them unless granted (the
+            # application role, below). Every run, so a function made again is closed again.
+            await conn.execute(await conn.fetchval(_CLOSE_FUNCTIONS))
             role = await _grant(conn, app_role, app_password) if app_role else ""
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)

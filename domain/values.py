@@ -42,7 +42,7 @@ def system_account(name: str) -> str:
 
 
 # The clients migrations/0007_clients.sql made, which hold no secret: the one every command recorded
-# before callers had identities belongs to (its keys are still those commands, whoever retries
-# them), and the one `tally seed` commands as.
+# before callers had identities belongs to (until a client adopts them: `tally keys adopt`), and the
+# one `tally seed` commands as.
 BEFORE_IDENTITIES_CLIENT: Final = "00000000-0000-0000-0000-000000000000"
 SEED_CLIENT: Final = "00000000-0000-0000-0000-000000000001"

@@ -35,13 +35,18 @@ CREATE INDEX client_secrets_by_client ON client_secrets (client_id);
 
 -- Idempotency keys live in the client's namespace. The commands recorded before this release had
 -- no caller: they belong to the client `before-identities`, which holds no secret and can never
--- authenticate (so their keys replay to nobody, and no new caller inherits them); except the demo
--- data's, which belong to `tally-seed`, the client `tally seed` commands as (so seeding again
--- still replays).
+-- authenticate, so their keys replay to nobody and no new caller collides with them, until an
+-- operator gives them to the one client that sent them (`tally keys adopt NAME`: its retries then
+-- replay). The demo data's belong to `tally-seed`, the client `tally seed` commands as (so seeding
+-- again still replays).
 INSERT INTO clients (client_id, name, scopes, revoked_at) VALUES
     ('00000000-0000-0000-0000-000000000000', 'before-identities', '{}', now()),
     ('00000000-0000-0000-0000-000000000001', 'tally-seed', '{}', now());
-ALTER TABLE commands ADD COLUMN client_id uuid REFERENCES clients;
+-- No foreign key to clients: its check would take a KEY SHARE lock on the client's row for every
+-- command, and a busy client's row, shared by many concurrent transactions, would cost a MultiXact
+-- each time (measured: bench/). The API writes only authenticated clients' ids; `tally verify`
+-- checks that every command's client exists.
+ALTER TABLE commands ADD COLUMN client_id uuid;
 UPDATE commands
    SET client_id = CASE WHEN starts_with(command_id, 'seed:') THEN '00000000-0000-0000-0000-000000000001'::uuid
                         ELSE '00000000-0000-0000-0000-000000000000'::uuid END;

@@ -12,6 +12,7 @@ independently of the projection functions, so a bug in a projection shows up as 
 
 from __future__ import annotations
 
+import importlib.resources
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -21,7 +22,6 @@ import asyncpg
 import msgspec
 
 from domain import ACCEPTED, MAX_AMOUNT, MAX_BIGINT, RECORDED_OUTCOMES
-from domain.values import BEFORE_IDENTITIES_CLIENT
 from projections.anchor import Anchor, check_anchor
 
 FINDINGS_PER_CHECK: Final = 1000
@@ -55,6 +55,34 @@ class VerifyReport(msgspec.Struct, frozen=True, kw_only=True):
     checks: list[CheckResult]
     findings: list[Finding]
 
+
+# The functions the hash-chain check computes with. They live in the database being verified, so
+# someone who controls it could redefine them to hide an edit: each must be the shipped source.
+CHAIN_FUNCTIONS: Final = ("tally_event_bytes", "tally_genesis_hash")
+_BODIES = """
+SELECT proname, prosrc FROM pg_proc
+ WHERE proname = ANY($1) AND pronamespace = current_schema()::regnamespace
+"""
+
+
+def _shipped_body(name: str) -> str:
+    source = importlib.resources.files("commands").joinpath("sql", f"{name}.sql").read_text(encoding="utf-8")
+    return source.split("$$")[1]
+
+
+async def _chain_functions(conn: asyncpg.Connection) -> list[Finding]:
+    found = {r["proname"]: r["prosrc"] for r in await conn.fetch(_BODIES, list(CHAIN_FUNCTIONS))}
+    return [
+        Finding(check="chain_functions", detail=f"function {name} is not the shipped definition: the hash "
+                "chains cannot be trusted", expected="commands/sql/" + name + ".sql",
+                found="missing" if name not in found else "a different body")
+        for name in CHAIN_FUNCTIONS
+        if found.get(name) != _shipped_body(name)
+    ]  # fmt: skip
+
+
+# The migration that gave callers identities: events recorded before it name no client.
+IDENTITIES: Final = "0007_clients.sql"
 
 # The seven columns every check returns, in order.
 _FINDING_FIELDS = ("check", "detail", "stream_id", "stream_version", "global_position", "expected", "found")
@@ -393,17 +421,25 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
     ),
     (
         "created_by",
-        "every event records the client whose command caused it (client_id and created_by, its "
-        "name); events recorded before callers had identities record none",
+        "every command names a known client, and every event records the client whose command caused "
+        "it (client_id and created_by, its name); only events recorded before callers had "
+        "identities (before 0007_clients.sql was applied) record none",
         f"""SELECT 'created_by', 'event does not record the client of its command', e.stream_id,
                    e.stream_version, e.global_position, k.client_id::text || ' ' || k.name,
                    coalesce(e.metadata ->> 'client_id', 'none') || ' '
                    || coalesce(e.metadata ->> 'created_by', 'none')
               FROM events e JOIN commands c ON c.event_id = e.event_id
               JOIN clients k ON k.client_id = c.client_id
-             WHERE c.client_id <> '{BEFORE_IDENTITIES_CLIENT}'
-               AND (e.metadata ->> 'client_id' IS DISTINCT FROM k.client_id::text
-                    OR e.metadata ->> 'created_by' IS DISTINCT FROM k.name)
+             WHERE CASE WHEN e.metadata ? 'client_id'
+                        THEN e.metadata ->> 'client_id' <> k.client_id::text
+                             OR e.metadata ->> 'created_by' IS DISTINCT FROM k.name
+                        ELSE e.recorded_at >= (SELECT m.applied_at FROM schema_migrations m
+                                                WHERE m.name = '{IDENTITIES}')
+                   END
+            UNION ALL
+            SELECT 'created_by', 'command ' || c.command_id || ' names no known client', c.stream_id,
+                   NULL, NULL, 'a client', c.client_id::text
+              FROM commands c WHERE NOT EXISTS (SELECT 1 FROM clients k WHERE k.client_id = c.client_id)
              {_LIMIT}""",
     ),
 ]
@@ -435,6 +471,18 @@ async def verify(
         await conn.execute(_LOCK_READ_MODELS)
         totals = await conn.fetchrow(_TOTALS)
         assert totals is not None
+        check_clock = time.perf_counter()
+        chain = await _chain_functions(conn)
+        results.append(
+            CheckResult(
+                name="chain_functions",
+                description="the functions the hash chains are computed with are the shipped ones",
+                findings=len(chain),
+                truncated=False,
+                seconds=round(time.perf_counter() - check_clock, 3),
+            )
+        )
+        findings.extend(chain)
         for name, description, sql in CHECKS:
             check_clock = time.perf_counter()
             rows = await conn.fetch(sql)

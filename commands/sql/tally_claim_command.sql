@@ -8,8 +8,7 @@
 -- same transaction, or, for a command refused without a record (an unknown asset or wallet), the
 -- row is deleted before that transaction commits: no committed row is ever without an outcome, and
 -- the claim held the key until then. Two clients' keys never meet: the same key from another
--- client is another command; except a key recorded before callers had identities
--- (migrations/0007_clients.sql), which is still that one command, whoever retries it.
+-- client is another command.
 -- Proven by tests/integration/test_idempotency.py::test_concurrent_duplicates_have_one_effect and
 -- tests/integration/test_two_servers.py.
 CREATE OR REPLACE FUNCTION tally_claim_command(
@@ -18,11 +17,6 @@ CREATE OR REPLACE FUNCTION tally_claim_command(
 DECLARE
     v_prior commands;
 BEGIN
-    SELECT * INTO v_prior FROM commands
-     WHERE client_id = '00000000-0000-0000-0000-000000000000' AND command_id = p_command_id;
-    IF FOUND THEN
-        RETURN v_prior;
-    END IF;
     INSERT INTO commands (client_id, command_id, fingerprint, metadata)
     VALUES (p_client, p_command_id, tally_fingerprint(p_client, p_request), p_metadata)
     ON CONFLICT (client_id, command_id) DO NOTHING;

@@ -1,6 +1,7 @@
 -- The answer to a command whose Idempotency-Key is already recorded: the stored outcome and
 -- response, replayed, when the request is the same (same fingerprint: the request's, bound to its
--- client, or the bare request's for a command recorded before callers had identities); otherwise
+-- client; or the bare request's, stored by a command recorded before callers had identities and
+-- adopted by this client, `tally keys adopt`); otherwise
 -- the key was used for a different request, which is refused (and not recorded: the key keeps its
 -- first outcome). A committed row always has its outcome; one without (written behind the
 -- functions' back) is refused loudly rather than replayed as nothing.
@@ -12,8 +13,7 @@ BEGIN
         RAISE EXCEPTION 'command % is recorded without its outcome', p_prior.command_id
             USING ERRCODE = 'data_corrupted';
     END IF;
-    replayed := p_prior.fingerprint = CASE WHEN p_prior.client_id = p_client
-                                           THEN tally_fingerprint(p_client, p_request) ELSE p_request END;
+    replayed := p_prior.fingerprint IN (tally_fingerprint(p_client, p_request), p_request);
     outcome := CASE WHEN replayed THEN p_prior.outcome ELSE 'idempotency_key_reused' END;
     body := CASE WHEN replayed THEN p_prior.response::text ELSE tally_key_reused()::text END;
 END $$;

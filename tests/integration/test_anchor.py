@@ -211,3 +211,17 @@ async def test_the_anchor_and_verify_commands(
     code, out = await _tally(db_url, "verify", "--anchor", str(tmp_path / "missing.json"))
     assert code == 2
     assert "missing.json" in out
+
+
+async def test_a_redefined_chain_function_is_named(store: EventStore, pool: asyncpg.Pool) -> None:
+    """Whoever controls the database could edit an amount, keep its stored hash, and redefine the
+    function the chain check computes with to hide it: verify compares the function with its
+    shipped source."""
+    await _ledger(store, pool)
+    anchor = await _anchor(pool)
+    await pool.execute(
+        "CREATE OR REPLACE FUNCTION tally_genesis_hash() RETURNS bytea LANGUAGE sql IMMUTABLE AS "
+        "$$ SELECT decode(repeat('00', 32), 'hex') $$"
+    )
+    report = await _verify(pool, anchor)
+    assert [f.check for f in report.findings] == ["chain_functions"]

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from api.database import with_user
 from api.migrate import MigrationError, migrate
 from commands import EventStore
 from projections.rebuild import rebuild
@@ -71,10 +72,18 @@ async def test_the_app_role_cannot_change_history(
     await define_asset(store)
     await open_wallet(store, "ann")
     await top_up(store, "ann", 100)
-    before = await pool.fetch("SELECT global_position, data, metadata, hash FROM events ORDER BY 1")
+    before = await _history(pool)
     with pytest.raises(asyncpg.InsufficientPrivilegeError):
         await app_pool.execute(statement)
-    assert await pool.fetch("SELECT global_position, data, metadata, hash FROM events ORDER BY 1") == before
+    assert await _history(pool) == before
+
+
+async def _history(pool: asyncpg.Pool) -> list[list[asyncpg.Record]]:
+    """Everything the refused statements aim at, as the owner sees it."""
+    return [
+        await pool.fetch(f"SELECT * FROM {table} ORDER BY 1, 2")
+        for table in ("events", "commands", "streams", "clients", "client_secrets")
+    ]
 
 
 async def test_commands_and_projections_work_as_the_app_role(
@@ -127,3 +136,21 @@ async def test_migrate_creates_the_app_role_with_its_password(db_url: str) -> No
     finally:
         await conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
         await conn.close()
+
+
+async def test_a_role_granted_nothing_cannot_call_the_command_functions(db_url: str) -> None:
+    """The command functions run as their owner, so calling one is the privilege: PUBLIC may not."""
+    role = f"tally_test_nobody_{uuid.uuid4().hex[:8]}"
+    owner = await asyncpg.connect(db_url)
+    try:
+        await owner.execute(f"CREATE ROLE {role} LOGIN")
+        nobody = await asyncpg.connect(with_user(db_url, role, None))
+        try:
+            for function in ("tally_post_transactions", "tally_define_asset", "tally_open_wallet"):
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await nobody.fetch(f"SELECT * FROM {function}('[]'::jsonb)")
+        finally:
+            await nobody.close()
+    finally:
+        await owner.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+        await owner.close()

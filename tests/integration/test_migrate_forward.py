@@ -19,11 +19,12 @@ import asyncpg
 import pytest
 
 from api.app import create_app
+from api.keys import adopt_earlier_keys, create_client
 from api.migrate import HISTORY, MigrationError, migrate
 from api.settings import Settings
 from projections.verify import verify
 from tests.conftest import with_database
-from tests.helpers import add_test_client, api_client
+from tests.helpers import TEST_CLIENT, add_test_client, api_client
 
 HISTORIC = Path(__file__).resolve().parent.parent / "data" / "historic"
 LEDGER = json.loads((HISTORIC / "ledger.json").read_text())
@@ -123,12 +124,24 @@ async def test_a_database_built_by_the_first_five_migrations_migrates_forward(db
         report = await verify(conn)
         assert report.ok, report.findings
         assert report.events == len(LEDGER["tables"]["events"])
+        # The keys recorded before callers had identities: given to the one client that sent them
+        # (the test's), whose retries replay them; no other client's keys meet them.
         await add_test_client(conn)
+        assert await adopt_earlier_keys(conn, TEST_CLIENT) == len(before)
+        other = (await create_client(conn, "other", ["admin"])).secret
     finally:
         await conn.close()
 
     settings = Settings(database_url=db_url, consistency_timeout=10.0, projector_poll_interval=0.1)
     async with api_client(create_app(settings, run_projector=True)) as client:
+        first = LEDGER["requests"][0]
+        assert first["path"] == "/v1/assets"
+        elsewhere = await client.post(
+            first["path"], content=base64.b64decode(first["body"]),
+            headers={**first["headers"], "Authorization": f"Bearer {other}"},
+        )  # fmt: skip
+        assert elsewhere.status_code == 409  # its own new command: the asset exists (nothing changes)
+        assert "idempotent-replayed" not in elsewhere.headers
         # Every retry gets, byte for byte, the answer the earlier release gave it.
         for request in LEDGER["requests"]:
             response = await client.post(

@@ -178,6 +178,10 @@ async def test_a_rehashed_overdraft_is_still_caught(pool: asyncpg.Pool, store: E
         # A transaction credited to another caller.
         ("UPDATE events SET metadata = metadata || '{\"created_by\": \"mallory\"}' "
          "WHERE stream_id = 'wallet:ann' AND stream_version = 2", "created_by", "wallet:ann"),
+        # A command moved to a client that does not exist.
+        ("UPDATE commands SET client_id = gen_random_uuid() WHERE event_id = "
+         "(SELECT event_id FROM events WHERE stream_id = 'wallet:ben' AND stream_version = 2)",
+         "created_by", "wallet:ben"),
     ],
 )  # fmt: skip
 async def test_each_disagreement_is_named(
