@@ -203,8 +203,11 @@ BEGIN
     END LOOP;
 
     -- Nothing is recorded for a refusal: its key's claim goes, at commit, with this transaction.
-    DELETE FROM commands c USING unnest(v_let_go_client, v_let_go) AS g(client, key)
-     WHERE c.client_id = g.client AND c.command_id = g.key AND c.outcome IS NULL;
+    -- (One primary-key delete each: a join with the arrays could be planned as a scan of commands.)
+    FOR i IN 1 .. coalesce(array_length(v_let_go, 1), 0) LOOP
+        DELETE FROM commands c
+         WHERE c.client_id = v_let_go_client[i] AND c.command_id = v_let_go[i] AND c.outcome IS NULL;
+    END LOOP;
 
     FOR i IN 1 .. n LOOP
         idx := i;

@@ -50,3 +50,5 @@ async def test_docs_page_lists_the_operations_in_a_browser(live_server: LiveServ
         assert summary in html, summary
     assert "/v1/wallets/{user_id}/spends" in html
     assert "Failed to load API definition" not in html
+    # The document declares the bearer scheme, so Swagger UI offers its Authorize button.
+    assert "Authorize" in html
