@@ -4,6 +4,7 @@ the commands and projections still work."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
@@ -105,25 +106,34 @@ async def test_commands_and_projections_work_as_the_app_role(
     assert await app_pool.fetchval("SELECT count(*) FROM rm_transactions WHERE user_id = 'ann'") == 3
 
 
-async def test_migrate_refuses_a_privileged_app_role(db_url: str) -> None:
-    role = f"tally_test_priv_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(db_url)
+@contextlib.asynccontextmanager
+async def _owner_and_role(
+    db_url: str, prefix: str, create: str | None
+) -> AsyncIterator[tuple[asyncpg.Connection, str]]:
+    """The owner's connection and a role of this test's own (made with ``create``'s options, or
+    left for the test to make), dropped with whatever it was granted on the way out."""
+    role = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    owner = await asyncpg.connect(db_url)
     try:
-        await conn.execute(f"CREATE ROLE {role} LOGIN CREATEDB")
+        if create is not None:
+            await owner.execute(f"CREATE ROLE {role} {create}")
+        yield owner, role
+    finally:
+        await owner.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+        await owner.close()
+
+
+async def test_migrate_refuses_a_privileged_app_role(db_url: str) -> None:
+    async with _owner_and_role(db_url, "tally_test_priv", "LOGIN CREATEDB") as (conn, role):
         with pytest.raises(MigrationError, match="privileged"):
             await migrate(conn, app_role=role)
         current = await conn.fetchval("SELECT current_user")
         with pytest.raises(MigrationError, match="the role migrating"):
             await migrate(conn, app_role=current)
-    finally:
-        await conn.execute(f"DROP ROLE IF EXISTS {role}")
-        await conn.close()
 
 
 async def test_migrate_creates_the_app_role_with_its_password(db_url: str) -> None:
-    role = f"tally_test_new_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(db_url)
-    try:
+    async with _owner_and_role(db_url, "tally_test_new", None) as (conn, role):
         done = await migrate(conn, app_role=role, app_password="s3cret 'quoted'")
         assert done.app_role == "created"
         assert await conn.fetchval("SELECT rolpassword IS NOT NULL FROM pg_authid WHERE rolname = $1", role)
@@ -133,17 +143,11 @@ async def test_migrate_creates_the_app_role_with_its_password(db_url: str) -> No
         assert not await conn.fetchval("SELECT has_table_privilege($1, 'events', 'UPDATE')", role)
         again = await migrate(conn, app_role=role)
         assert again.app_role == "granted"
-    finally:
-        await conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
-        await conn.close()
 
 
 async def test_a_role_granted_nothing_cannot_call_the_command_functions(db_url: str) -> None:
     """The command functions run as their owner, so calling one is the privilege: PUBLIC may not."""
-    role = f"tally_test_nobody_{uuid.uuid4().hex[:8]}"
-    owner = await asyncpg.connect(db_url)
-    try:
-        await owner.execute(f"CREATE ROLE {role} LOGIN")
+    async with _owner_and_role(db_url, "tally_test_nobody", "LOGIN") as (_owner, role):
         nobody = await asyncpg.connect(with_user(db_url, role, None))
         try:
             for function in ("tally_post_transactions", "tally_define_asset", "tally_open_wallet"):
@@ -151,6 +155,3 @@ async def test_a_role_granted_nothing_cannot_call_the_command_functions(db_url: 
                     await nobody.fetch(f"SELECT * FROM {function}('[]'::jsonb)")
         finally:
             await nobody.close()
-    finally:
-        await owner.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
-        await owner.close()
