@@ -10,7 +10,6 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
@@ -23,11 +22,11 @@ from litestar.static_files import create_static_files_router
 
 from api.auth import Authenticator, BearerAuthentication, require_scope
 from api.controllers import AssetController, SystemController, TransactionController, WalletController
-from api.database import create_pool
+from api.database import BoundedPool, connect, create_pool
 from api.errors import EXCEPTION_HANDLERS
 from api.health import health_live, health_ready, metrics
 from api.observability import request_id_middleware
-from api.ratelimit import RateLimiter
+from api.ratelimit import RateLimiter, ReadLimiter, read_limit_middleware
 from api.settings import Settings
 from commands import EventStore
 from projections.projector import Projector, ProjectorWaker
@@ -68,24 +67,55 @@ def create_app(settings: Settings, *, run_projector: bool = False) -> Litestar:
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         # Named per process, as the projector is: operators (and the two-server race test) can tell
-        # in pg_stat_activity which API process a session belongs to.
-        pool = await create_pool(url, settings, f"tally-api:{os.getpid()}")
+        # in pg_stat_activity which API process a session belongs to. Commands and queries have
+        # pools of their own, each with its waits bounded (README, "Faults and limits"): a flood of
+        # reads cannot take the connections commands need.
+        name = f"tally-api:{os.getpid()}"
+        pool = await create_pool(
+            url,
+            settings,
+            name,
+            statement_timeout=settings.command_timeout,
+            lock_timeout=settings.lock_timeout,
+        )
+        read_pool = await create_pool(
+            url,
+            settings,
+            f"{name}:reads",
+            min_size=1,
+            max_size=settings.read_pool_max_size,
+            statement_timeout=settings.read_timeout,
+        )
+        reads = BoundedPool(read_pool, settings.read_timeout, "queries")
+        # Key lookups, health checks and notifications: on the commands' connections, bounded.
+        control = BoundedPool(pool, settings.read_timeout, "commands")
+        pools = [pool, read_pool]
         stop = asyncio.Event()
-        waker = ProjectorWaker(pool)
-        watcher = ProjectionWatcher(pool, url)
+        waker = ProjectorWaker(control)
+        watcher = ProjectionWatcher(reads, lambda: connect(url, settings, f"{name}:watcher"))
         tasks = [asyncio.create_task(waker.run(stop), name="projector-waker")]
         try:
             await watcher.start()
             if run_projector:
+                # Its own connections, with no statement timeout: a large batch may take a while.
+                projector_pool = await create_pool(url, settings, f"{name}:projector", min_size=1, max_size=2)
+                pools.append(projector_pool)
                 projector = Projector(
-                    pool, url, batch_size=settings.projector_batch_size,
+                    projector_pool, url, batch_size=settings.projector_batch_size,
                     poll_interval=settings.projector_poll_interval,
                 )  # fmt: skip
                 tasks.append(asyncio.create_task(projector.run(stop), name="projector"))
             app.state.pool = pool
-            app.state.authenticator = Authenticator(pool)
+            app.state.reads = reads
+            app.state.control = control
+            app.state.authenticator = Authenticator(control)
             app.state.store = EventStore(
-                pool, on_append=waker.poke, max_in_flight=settings.command_concurrency
+                pool,
+                on_append=waker.poke,
+                max_in_flight=settings.command_concurrency,
+                max_queue=settings.command_queue,
+                timeout=settings.command_timeout,
+                lock_wait=settings.lock_timeout,
             )
             app.state.watcher = watcher
             yield
@@ -95,16 +125,17 @@ def create_app(settings: Settings, *, run_projector: bool = False) -> Litestar:
                 if isinstance(result, Exception):
                     log.error("background task failed: %r", result)
             await watcher.close()
-            await pool.close()
+            for each in pools:
+                await each.close()
 
     # Request counts and latency histograms by route template and status.
     prometheus = PrometheusConfig(
         app_name="tally", prefix="tally", group_path=True, exclude=["/metrics", "/docs", "/health"]
     )
 
-    def provide_pool(state: State) -> asyncpg.Pool:
-        pool: asyncpg.Pool = state.pool
-        return pool
+    def provide_pool(state: State) -> BoundedPool:
+        reads: BoundedPool = state.reads
+        return reads
 
     def provide_store(state: State) -> EventStore:
         store: EventStore = state.store
@@ -124,6 +155,8 @@ def create_app(settings: Settings, *, run_projector: bool = False) -> Litestar:
             ),
         ],
         middleware=[
+            # First: a query waits for its turn before anything else is done for it (api/ratelimit.py).
+            read_limit_middleware,
             request_id_middleware,
             prometheus.middleware,
             # Health checks (opt exclude_from_auth) are open; so are the docs unless configured not.
@@ -131,12 +164,20 @@ def create_app(settings: Settings, *, run_projector: bool = False) -> Litestar:
         ],
         guards=[require_scope],
         lifespan=[lifespan],
-        state=State({"settings": settings, "rate_limiter": RateLimiter(settings.rate_limit)}),
+        state=State(
+            {
+                "settings": settings,
+                "rate_limiter": RateLimiter(settings.rate_limit),
+                "read_limiter": ReadLimiter(settings.read_concurrency, settings.read_timeout),
+            }
+        ),
         dependencies={
             "pool": Provide(provide_pool, sync_to_thread=False),
             "store": Provide(provide_store, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
+        # Checked against Content-Length before anything is read, and again while reading.
+        request_max_body_size=settings.max_body_bytes,
         # Logging is configured once for the process (api.observability.configure_logging).
         logging_config=None,
         openapi_config=OpenAPIConfig(

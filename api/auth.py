@@ -23,10 +23,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Final
 
-import asyncpg
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware.authentication import AbstractAuthenticationMiddleware, AuthenticationResult
+
+from projections.reader import Reader
 
 ADMIN: Final = "admin"
 # Every scope a client can hold; `admin` is every scope, present and future.
@@ -98,7 +99,7 @@ class Principal:
 class Authenticator:
     """Resolves ``Authorization: Bearer <secret>`` to a Principal, with a short per-process cache."""
 
-    def __init__(self, pool: asyncpg.Pool, *, cache_seconds: float = CACHE_SECONDS) -> None:
+    def __init__(self, pool: Reader, *, cache_seconds: float = CACHE_SECONDS) -> None:
         self._pool = pool
         self._cache_seconds = cache_seconds
         # Known secrets, and (apart, so a flood of unknown ones cannot evict them) unknown ones.

@@ -56,6 +56,11 @@ def _print_migrated(done: Migrated) -> None:
     )
     if done.flows:
         print(f"flows: {', '.join(done.flows)} added")
+    if done.xid_offset is not None:
+        print(
+            "this database was restored from another cluster: new events' writer_xids now start "
+            f"{done.xid_offset} past this cluster's transaction ids, after every event's"
+        )
 
 
 async def _seed(url: str, settings: Settings) -> None:

@@ -8,7 +8,6 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Final, TypeVar
 
-import asyncpg
 import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
@@ -18,9 +17,11 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, PathParameter, QueryParameter
 
 from api.auth import Principal, scoped
+from api.database import BoundedPool
 from api.dto import DefineAssetRequest, MoveCreditsRequest, OpenWalletRequest, Problem, StrictBody
 from api.errors import IdempotencyKeyMissing, InvalidRequest
 from api.observability import COMMANDS, REQUEST_ID
+from api.ratelimit import ReadLimiter
 from api.settings import Settings
 from commands import CommandContext, EventStore, handle
 from domain import (
@@ -80,7 +81,7 @@ ConsistentWith = Annotated[
     ),
 ]
 Store = NamedDependency[EventStore]
-Pool = NamedDependency[asyncpg.Pool]
+Pool = NamedDependency[BoundedPool]
 UserIdPath = Annotated[str, PathParameter(pattern=USER_ID_PATTERN, description="The wallet owner's user id.")]
 
 
@@ -102,17 +103,23 @@ def _command_context(
 ) -> CommandContext:
     """The idempotency record's identity: the calling client (whose namespace the key is in), the
     key, and a fingerprint of method, path, the canonical body (the decoded body encoded again:
-    field order and defaults fixed) and the expected version (a retry must be the same request to
-    replay; `"3"` and `3` in If-Match are the same precondition). The SQL binds the fingerprint to
-    the client before storing it (tally_fingerprint)."""
+    field order and defaults fixed, the keys of every object sorted) and the expected version (a
+    retry must be the same request to replay, however its JSON is laid out; `"3"` and `3` in
+    If-Match are the same precondition). The SQL binds the fingerprint to the client before storing
+    it (tally_fingerprint)."""
     principal: Principal = request.user
     if key is None:
         raise IdempotencyKeyMissing("every POST needs an Idempotency-Key header")
     if not _IDEMPOTENCY_KEY.fullmatch(key):
         raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters")
     precondition = "" if expected_version is None else str(expected_version)
-    fingerprint = CommandContext.fingerprint_of(
-        request.method, request.url.path, msgspec.json.encode(body), precondition
+    canonical = msgspec.json.encode(body, order="deterministic")
+    fingerprint = CommandContext.fingerprint_of(request.method, request.url.path, canonical, precondition)
+    as_sent = msgspec.json.encode(body)
+    legacy = (
+        None
+        if as_sent == canonical
+        else CommandContext.fingerprint_of(request.method, request.url.path, as_sent, precondition)
     )
     metadata = {"path": request.url.path}
     if request_id := REQUEST_ID.get():
@@ -125,6 +132,7 @@ def _command_context(
         created_by=principal.name,
         fingerprint=fingerprint,
         metadata=metadata,
+        legacy_fingerprint=legacy,
     )
 
 
@@ -192,10 +200,12 @@ async def _wait(state: State, projections: tuple[str, ...], consistent_with: str
         raise InvalidRequest(str(exc)) from None
     watcher: ProjectionWatcher = state.watcher
     settings: Settings = state.settings
+    limiter: ReadLimiter = state.read_limiter
     deadline = asyncio.get_running_loop().time() + settings.consistency_timeout
-    for projection in projections:
-        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
-        await watcher.wait_for(projection, token, remaining)
+    async with limiter.set_aside():
+        for projection in projections:
+            remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+            await watcher.wait_for(projection, token, remaining)
 
 
 class AssetController(Controller):
@@ -356,16 +366,22 @@ class WalletController(Controller):
 
 async def _complete(state: State, read: Callable[[], Awaitable[T]]) -> T:
     """The read once the wallet's read model holds every version up to the newest it shows (a gap
-    lasts one projection batch); ProjectionTimeout after the consistency timeout."""
+    lasts one projection batch); ProjectionTimeout after the consistency timeout. Between tries it
+    waits for the projections to move (their notification, or the watcher's poll), so a wallet
+    that stays incomplete (a stopped projection) costs a query per step, not a query per 10 ms."""
     settings: Settings = state.settings
+    watcher: ProjectionWatcher = state.watcher
+    limiter: ReadLimiter = state.read_limiter
     deadline = asyncio.get_running_loop().time() + settings.consistency_timeout
     while True:
         try:
             return await read()
         except queries.WalletIncomplete as exc:
-            if asyncio.get_running_loop().time() > deadline:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
                 raise ProjectionTimeout(f"the read model of wallet {exc} is catching up") from None
-            await asyncio.sleep(0.01)
+            async with limiter.set_aside():
+                await watcher.next_progress(min(remaining, 0.25))
 
 
 class TransactionController(Controller):

@@ -11,8 +11,9 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -20,6 +21,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import asyncpg
 
 from api.settings import Settings
+from commands.errors import Overloaded
 
 log = logging.getLogger("tally.database")
 
@@ -117,12 +119,28 @@ def database_url(settings: Settings) -> Iterator[str]:
         yield url
 
 
-def connection_settings(settings: Settings, application_name: str) -> dict[str, str]:
-    return {
+def connection_settings(
+    settings: Settings,
+    application_name: str,
+    *,
+    statement_timeout: float | None = None,
+    lock_timeout: float | None = None,
+) -> dict[str, str]:
+    """Every session's settings. The keepalives make the server notice, within about
+    half a minute, a client that vanished without closing (its locks and backend are freed)."""
+    server = {
         "application_name": application_name,
         "idle_in_transaction_session_timeout": str(settings.idle_in_transaction_timeout_ms),
         "timezone": "UTC",
+        "tcp_keepalives_idle": "10",
+        "tcp_keepalives_interval": "5",
+        "tcp_keepalives_count": "3",
     }
+    if statement_timeout is not None:
+        server["statement_timeout"] = str(round(statement_timeout * 1000))
+    if lock_timeout is not None:
+        server["lock_timeout"] = str(round(lock_timeout * 1000))
+    return server
 
 
 async def _keep_session(_conn: asyncpg.Connection) -> None:
@@ -136,6 +154,35 @@ async def _keep_session(_conn: asyncpg.Connection) -> None:
     """
 
 
+# A stalled network path (no reset, no answer) must fail a connection, not hang it until the
+# kernel's defaults give up after hours: probes after 10 s idle, every 5 s, 3 missed and it is
+# dead; and data unacknowledged for 20 s fails it too (TCP_USER_TIMEOUT, Linux). Requests are also
+# bounded by asyncpg's own timeouts; these free the connection itself.
+_KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("TCP_KEEPIDLE", 10),
+    ("TCP_KEEPINTVL", 5),
+    ("TCP_KEEPCNT", 3),
+    ("TCP_USER_TIMEOUT", 20_000),
+)
+
+
+def keep_alive(conn: asyncpg.Connection) -> None:
+    """Turn on TCP keepalives on ``conn``'s socket (asyncpg has no option for it; the socket is
+    reached through its transport). Unix sockets need none."""
+    transport = getattr(conn, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in _KEEPALIVE_OPTIONS:
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    keep_alive(conn)
+
+
 async def create_pool(
     url: str,
     settings: Settings,
@@ -143,11 +190,71 @@ async def create_pool(
     *,
     min_size: int | None = None,
     max_size: int | None = None,
+    statement_timeout: float | None = None,
+    lock_timeout: float | None = None,
 ) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         url,
         min_size=settings.pool_min_size if min_size is None else min_size,
         max_size=settings.pool_max_size if max_size is None else max_size,
-        server_settings=connection_settings(settings, application_name),
+        server_settings=connection_settings(
+            settings, application_name, statement_timeout=statement_timeout, lock_timeout=lock_timeout
+        ),
         reset=_keep_session,
+        init=_init_connection,
+        timeout=settings.connect_timeout,
     )
+
+
+async def connect(url: str, settings: Settings, application_name: str) -> asyncpg.Connection:
+    """A dedicated connection (LISTEN, the projector's lock), with the same keepalives."""
+    conn = await asyncpg.connect(
+        url,
+        server_settings=connection_settings(settings, application_name),
+        timeout=settings.connect_timeout,
+    )
+    keep_alive(conn)
+    return conn
+
+
+class BoundedPool:
+    """A pool whose every wait is bounded: a connection is awaited at most ``timeout`` seconds (then
+    Overloaded: every connection is busy), and each statement runs at most a second longer than
+    that (asyncpg's timeout, for a path that stopped answering; PostgreSQL's statement_timeout, set
+    on the pool, normally ends it first). Releasing a connection whose statement was cancelled is
+    bounded too (asyncpg uses the acquire's timeout). Queries use one over their own pool;
+    key lookups, health checks and notifications one over the commands' pool."""
+
+    def __init__(self, pool: asyncpg.Pool, timeout: float, what: str) -> None:
+        self.pool = pool
+        self.timeout = timeout
+        self._what = what
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[asyncpg.Record]]:
+        try:
+            conn = await self.pool.acquire(timeout=self.timeout)
+        except TimeoutError:
+            raise Overloaded(
+                f"every connection for {self._what} stayed busy for {self.timeout:g} s"
+            ) from None
+        try:
+            yield conn
+        finally:
+            await self.pool.release(conn)
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        async with self.acquire() as conn:
+            return await conn.fetch(query, *args, timeout=self.timeout + 1)
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        async with self.acquire() as conn:
+            return await conn.fetchrow(query, *args, timeout=self.timeout + 1)
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        async with self.acquire() as conn:
+            return await conn.fetchval(query, *args, timeout=self.timeout + 1)
+
+    async def execute(self, query: str, *args: Any) -> str:
+        async with self.acquire() as conn:
+            return await conn.execute(query, *args, timeout=self.timeout + 1)

@@ -5,9 +5,11 @@ The write side stores and returns domain outcomes (``insufficient_funds``, ``ver
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Final, TypeVar
 
+import asyncpg
 import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
@@ -16,6 +18,7 @@ from litestar.types import ExceptionHandlersMap
 
 from api.auth import Forbidden, Unauthenticated
 from api.ratelimit import RateLimited
+from commands.errors import Overloaded, Unavailable, describe, is_transient
 from domain import DomainError
 from projections.queries import TransactionNotFound
 from projections.watcher import ProjectionTimeout
@@ -35,6 +38,7 @@ STATUS_BY_CODE: Final = {
     "transaction_not_found": 404,
     "not_found": 404,
     "method_not_allowed": 405,
+    "payload_too_large": 413,
     "insufficient_funds": 409,
     "wallet_exists": 409,
     "asset_exists": 409,
@@ -42,6 +46,8 @@ STATUS_BY_CODE: Final = {
     "idempotency_key_reused": 422,
     "rate_limited": 429,
     "projection_timeout": 503,
+    "unavailable": 503,
+    "overloaded": 503,
     "internal_error": 500,
 }
 
@@ -54,14 +60,48 @@ class IdempotencyKeyMissing(Exception):
     code = "idempotency_key_missing"
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused when a key repeats (``{"amount": 1, "amount": 50}`` would otherwise
+    mean 50 to one parser and 1 to another) or a string holds a lone surrogate (``"\\ud800"``,
+    which no UTF-8 text can carry, so it could be neither stored nor answered)."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(f"the key {key!r} appears more than once in an object")
+        for text in (key, value):
+            if isinstance(text, str) and not text.isascii():
+                text.encode()  # UnicodeEncodeError for a lone surrogate
+        obj[key] = value
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def decode_strict(body: bytes, type_: type[T]) -> T:
-    """Decode a JSON body with no type coercion; InvalidRequest names what is wrong."""
+    """Decode a JSON body, once, with no type coercion; InvalidRequest names what is wrong.
+
+    The text is parsed by the standard library's parser, because it can refuse duplicate keys
+    (msgspec's cannot: the last one would win), then converted to ``type_`` by msgspec, strictly
+    (a string, float or boolean is never taken for an integer). NaN and Infinity are refused, and so
+    is nesting deep enough to exhaust the parser's stack: no body yields a 500."""
     try:
-        return msgspec.json.decode(body, type=type_, strict=True)
+        parsed = json.loads(body.decode(), object_pairs_hook=_object, parse_constant=_no_constant)
+    except _DuplicateKey as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("the body is not valid JSON: it is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, UnicodeEncodeError
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+    try:
+        return msgspec.convert(parsed, type_, strict=True)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(str(exc)) from None
-    except msgspec.DecodeError as exc:
-        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
 
 
 def problem(
@@ -104,6 +144,19 @@ def _rate_limited(request: Request[Any, Any, Any], exc: RateLimited) -> Response
     return problem(request, exc.code, str(exc), headers={"Retry-After": str(exc.retry_after)})
 
 
+def _unavailable(request: Request[Any, Any, Any], exc: Unavailable | Overloaded) -> Response[Any]:
+    return problem(request, exc.code, str(exc), headers={"Retry-After": str(exc.retry_after)})
+
+
+def _database(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """The database failed a request: 503 when it was away, slow or busy (try again later), else
+    a bug (500)."""
+    if not is_transient(exc):
+        return _internal(request, exc)
+    log.warning("database unavailable on %s %s: %r", request.method, request.url.path, exc)
+    return problem(request, "unavailable", describe(exc), headers={"Retry-After": "1"})
+
+
 def _validation(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
     extra = {"errors": exc.extra} if exc.extra else None
     return problem(request, "invalid_request", str(exc.detail), extra=extra)
@@ -112,8 +165,11 @@ def _validation(request: Request[Any, Any, Any], exc: ValidationException) -> Re
 def _http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     if exc.status_code == 404:
         return problem(request, "not_found", "no such resource")
-    if exc.status_code == 405:
-        return problem(request, "method_not_allowed", str(exc.detail))
+    if exc.status_code == 405:  # with the Allow header Litestar names the methods in
+        return problem(request, "method_not_allowed", str(exc.detail), headers=dict(exc.headers or {}))
+    if exc.status_code == 413:
+        limit = request.route_handler.resolve_request_max_body_size()
+        return problem(request, "payload_too_large", f"the body is larger than this route's {limit} bytes")
     if exc.status_code < 500:
         return problem(request, "invalid_request", str(exc.detail))
     return _internal(request, exc)
@@ -133,6 +189,12 @@ EXCEPTION_HANDLERS: Final[ExceptionHandlersMap] = {
     InvalidRequest: _coded,
     TransactionNotFound: _coded,
     ProjectionTimeout: _coded,
+    Unavailable: _unavailable,
+    Overloaded: _unavailable,
+    asyncpg.PostgresError: _database,
+    asyncpg.InterfaceError: _database,
+    OSError: _database,
+    TimeoutError: _database,
     ValidationException: _validation,
     HTTPException: _http,
     Exception: _internal,

@@ -9,23 +9,29 @@ import asyncpg
 import msgspec
 from litestar import Request, Response, get
 from litestar.datastructures import State
+from litestar.openapi.datastructures import ResponseSpec
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from api.auth import Authenticator, Unauthenticated, scoped
+from api.database import BoundedPool
 from api.observability import (
+    COMMAND_QUEUE,
     POOL_CONNECTIONS,
     PROJECTION_LAG_EVENTS,
     PROJECTION_LAG_SECONDS,
     PROJECTION_STOPPED,
+    READ_POOL_CONNECTIONS,
 )
 from api.settings import Settings
+from commands import EventStore
+from commands.errors import Overloaded
 from projections.status import ProjectionStatus, projection_status
 
 _DATABASE_TIMEOUT = 2.0
 
 
 class CheckStatus(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    status: str  # "ok" or "failing"
+    status: str  # "ok", "failing" (a projection stopped or too far behind), or "unknown"
     detail: str | None = None
     events_behind: int | None = None
     seconds_behind: float | None = None
@@ -61,33 +67,55 @@ def _projection_check(status: ProjectionStatus, max_lag: float) -> CheckStatus:
     )
 
 
+async def _command_path(state: State) -> CheckStatus:
+    """Whether this process can take a command now: a connection of the commands' pool comes in
+    time and the database answers on it, and the queue has room."""
+    control: BoundedPool = state.control
+    settings: Settings = state.settings
+    store: EventStore = state.store
+    if store.queued >= settings.command_queue:
+        return CheckStatus(status="failing", detail=f"the command queue is full ({store.queued})")
+    try:
+        await control.fetchval("SELECT 1")
+    except Overloaded as exc:
+        return CheckStatus(status="failing", detail=str(exc))
+    except TimeoutError:
+        return CheckStatus(status="failing", detail=f"no answer within {control.timeout + 1:g} s")
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        return CheckStatus(status="failing", detail=f"{type(exc).__name__}: {exc}"[:300])
+    return CheckStatus(status="ok")
+
+
 @get(
     "/health/ready",
     tags=["health"],
-    summary="The database answers and every projection is running within the allowed lag",
-    description="Open to anyone; the checks' details only to a key with the scope `metrics:read`.",
-    responses={},
+    summary="This process can take commands: route traffic here",
+    description="200 when the database answers on the commands' connections and the command queue "
+    "has room, else 503. Projections that lag or stopped are reported in the checks (to a key with "
+    "the scope `metrics:read`) and in /metrics, and never fail this check: a read-side fault must "
+    "not take writes out of rotation.",
+    responses={
+        503: ResponseSpec(Readiness, description="This process cannot take commands now; route elsewhere.")
+    },
     opt=_OPEN_OPT,
     security=[{}],
 )
 async def health_ready(request: Request[Any, Any, Any], state: State) -> Response[Readiness]:
-    pool: asyncpg.Pool = state.pool
     settings: Settings = state.settings
-    checks: dict[str, CheckStatus] = {}
-    try:
-        await asyncio.wait_for(pool.fetchval("SELECT 1"), _DATABASE_TIMEOUT)
-        statuses = await asyncio.wait_for(projection_status(pool), _DATABASE_TIMEOUT)
-    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        checks["database"] = CheckStatus(status="failing", detail=f"{type(exc).__name__}: {exc}"[:300])
-    else:
-        checks["database"] = CheckStatus(status="ok")
-        for status in statuses:
-            checks[f"projection:{status.name}"] = _projection_check(status, settings.ready_max_lag_seconds)
-    ready = all(c.status == "ok" for c in checks.values())
-    body = Readiness(
-        status="ready" if ready else "unavailable",
-        checks=checks if await _may_see_details(request, state) else None,
-    )
+    checks = {"commands": await _command_path(state)}
+    ready = checks["commands"].status == "ok"
+    details = await _may_see_details(request, state)
+    if details and ready:
+        try:
+            statuses = await asyncio.wait_for(projection_status(state.reads), _DATABASE_TIMEOUT)
+        except Exception as exc:  # reported, never failing the check
+            checks["projections"] = CheckStatus(status="unknown", detail=f"{type(exc).__name__}: {exc}"[:300])
+        else:
+            for status in statuses:
+                checks[f"projection:{status.name}"] = _projection_check(
+                    status, settings.ready_max_lag_seconds
+                )
+    body = Readiness(status="ready" if ready else "unavailable", checks=checks if details else None)
     return Response(body, status_code=200 if ready else 503)
 
 
@@ -108,7 +136,13 @@ async def _refresh_gauges(state: State) -> None:
     POOL_CONNECTIONS.labels("open").set(pool.get_size())
     POOL_CONNECTIONS.labels("idle").set(pool.get_idle_size())
     POOL_CONNECTIONS.labels("max").set(pool.get_max_size())
-    for status in await projection_status(pool):
+    reads: BoundedPool = state.reads
+    READ_POOL_CONNECTIONS.labels("open").set(reads.pool.get_size())
+    READ_POOL_CONNECTIONS.labels("idle").set(reads.pool.get_idle_size())
+    READ_POOL_CONNECTIONS.labels("max").set(reads.pool.get_max_size())
+    store: EventStore = state.store
+    COMMAND_QUEUE.set(store.queued)
+    for status in await projection_status(reads):
         PROJECTION_LAG_EVENTS.labels(status.name).set(status.events_behind)
         PROJECTION_LAG_SECONDS.labels(status.name).set(status.seconds_behind)
         PROJECTION_STOPPED.labels(status.name).set(0 if status.error is None else 1)

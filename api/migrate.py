@@ -87,18 +87,23 @@ class MigrationError(RuntimeError):
     pass
 
 
+_REBASE = "SELECT offset_before, offset_after FROM tally_rebase_writer_xids()"
+
+
 class Migrated(msgspec.Struct, frozen=True, kw_only=True):
-    """What one ``migrate`` call applied: numbered files, definition files, new flows, and what
-    became of the application role ("created", "granted" or "" when none was named)."""
+    """What one ``migrate`` call applied: numbered files, definition files, new flows, what became
+    of the application role ("created", "granted" or "" when none was named), and the new offset of
+    writer_xids when the database turned out restored from another cluster (else None)."""
 
     migrations: list[str]
     definitions: list[str]
     flows: list[str]
     app_role: str = ""
+    xid_offset: int | None = None
 
     @property
     def nothing(self) -> bool:
-        return not (self.migrations or self.definitions or self.flows)
+        return not (self.migrations or self.definitions or self.flows or self.xid_offset is not None)
 
 
 def migrations_dir() -> Path:
@@ -298,6 +303,11 @@ async def migrate(
             # application role, below). Every run, so a function made again is closed again.
             await conn.execute(await conn.fetchval(_CLOSE_FUNCTIONS))
             role = await _grant(conn, app_role, app_password) if app_role else ""
+            # A database restored from another cluster: its events' writer_xids get ahead of this
+            # cluster's ids again before anything is written (commands/sql/tally_writer_xid.sql).
+            rebased = await conn.fetchrow(_REBASE)
+            assert rebased is not None
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
-    return Migrated(migrations=applied, definitions=defined, flows=flows, app_role=role)
+    offset = rebased["offset_after"] if rebased["offset_after"] != rebased["offset_before"] else None
+    return Migrated(migrations=applied, definitions=defined, flows=flows, app_role=role, xid_offset=offset)

@@ -48,7 +48,9 @@ PROJECTION_LAG_SECONDS: Final = Gauge(
 PROJECTION_STOPPED: Final = Gauge(
     "tally_projection_stopped", "1 when a poison event stopped the projection", ["projection"]
 )
-POOL_CONNECTIONS: Final = Gauge("tally_db_pool_connections", "Database pool connections", ["state"])
+POOL_CONNECTIONS: Final = Gauge("tally_db_pool_connections", "Commands' pool connections", ["state"])
+READ_POOL_CONNECTIONS: Final = Gauge("tally_db_read_pool_connections", "Queries' pool connections", ["state"])
+COMMAND_QUEUE: Final = Gauge("tally_command_queue", "Commands waiting for a batch in this process")
 
 
 class JsonFormatter(logging.Formatter):

@@ -9,14 +9,21 @@ recorded under its Idempotency-Key.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
 import math
 import time
+from collections.abc import AsyncIterator
 
 from limits import RateLimitItem, RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from litestar.enums import ScopeType
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from api.auth import Principal
+from commands.errors import Overloaded
 
 
 class RateLimited(Exception):
@@ -48,3 +55,72 @@ class RateLimiter:
         raise RateLimited(
             f"client {principal.name} is over its limit of {limit} requests per second", retry_after
         )
+
+
+class ReadLimiter:
+    """At most ``concurrency`` queries are handled in this process at once (everything done for
+    one: its log line and metrics, its key check, the query, building its answer); others wait
+    their turn, no longer than ``timeout`` (then Overloaded). A flood of
+    reads then takes a bounded share of the process, and commands, which never wait here, keep the
+    rest (tests/integration/test_faults.py, the read flood). A query waiting for the projections
+    (``consistent_with``) sets its slot aside meanwhile: waiting costs the process nothing."""
+
+    def __init__(self, concurrency: int, timeout: float) -> None:
+        self._slots = asyncio.Semaphore(concurrency)
+        self._timeout = timeout
+        self._held: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar(
+            "read_slot", default=None
+        )
+
+    async def _acquire(self) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            busy = f"too many queries are waiting in this process (for {self._timeout:g} s)"
+            raise Overloaded(busy) from None
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        await self._acquire()
+        held = [True]
+        token = self._held.set(held)
+        try:
+            yield
+        finally:
+            self._held.reset(token)
+            if held[0]:
+                self._slots.release()
+
+    @contextlib.asynccontextmanager
+    async def set_aside(self) -> AsyncIterator[None]:
+        """Give this request's slot back while it waits, and take one again after."""
+        held = self._held.get()
+        if held is None or not held[0]:
+            yield
+            return
+        held[0] = False
+        self._slots.release()
+        try:
+            yield
+        finally:
+            await self._acquire()
+            held[0] = True
+
+
+def read_limit_middleware(app: ASGIApp) -> ASGIApp:
+    """Queries (GET /v1/...) take a slot of the app's ReadLimiter; everything else passes."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != ScopeType.HTTP
+            or scope["method"] != "GET"
+            or not scope["path"].startswith("/v1/")
+        ):
+            await app(scope, receive, send)
+            return
+        limiter: ReadLimiter = scope["litestar_app"].state.read_limiter
+        async with limiter.slot():
+            await app(scope, receive, send)
+
+    return middleware

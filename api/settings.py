@@ -16,11 +16,13 @@ T = TypeVar("T")
 # Every variable Tally reads (tests check that deployment files reference only these).
 ENVIRONMENT_VARIABLES = (
     "DATABASE_URL", "HOST", "PORT", "TALLY_DATA_DIR", "TALLY_POOL_MIN_SIZE", "TALLY_POOL_MAX_SIZE",
-    "TALLY_COMMAND_CONCURRENCY",
+    "TALLY_COMMAND_CONCURRENCY", "TALLY_COMMAND_TIMEOUT", "TALLY_LOCK_TIMEOUT", "TALLY_COMMAND_QUEUE",
+    "TALLY_READ_POOL_MAX_SIZE", "TALLY_READ_TIMEOUT", "TALLY_READ_CONCURRENCY", "TALLY_CONNECT_TIMEOUT",
     "TALLY_CONSISTENCY_TIMEOUT", "TALLY_PROJECTOR_BATCH_SIZE", "TALLY_PROJECTOR_POLL_INTERVAL",
     "TALLY_IDLE_IN_TRANSACTION_TIMEOUT_MS", "TALLY_LOG_LEVEL", "TALLY_LOG_FORMAT",
     "TALLY_READY_MAX_LAG_SECONDS", "TALLY_MIGRATIONS_DIR", "TALLY_DOCS_PUBLIC", "TALLY_RATE_LIMIT",
-    "TALLY_OWNER_DATABASE_URL", "TALLY_APP_ROLE", "TALLY_APP_PASSWORD", "TALLY_ANCHOR_KEY",
+    "TALLY_MAX_BODY_BYTES", "TALLY_OWNER_DATABASE_URL", "TALLY_APP_ROLE", "TALLY_APP_PASSWORD",
+    "TALLY_ANCHOR_KEY",
 )  # fmt: skip
 
 
@@ -43,11 +45,31 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8000
     data_dir: Path = Path(".data")
+    # Commands (and key checks, health) have their own pool; queries have theirs (read_pool_max_size),
+    # so no flood of reads can take the connections commands need.
     pool_min_size: int = 2
-    pool_max_size: int = 20
+    pool_max_size: int = 12
+    read_pool_max_size: int = 8
     # Group commit: transaction commands run in at most this many batches at once per process;
     # commands arriving meanwhile join the next batch (commands/event_store.py).
     command_concurrency: int = 4
+    # The longest a command request waits, queued or running, before it is answered 503
+    # `unavailable` (it may still be applied: retried with its key, it replays). Also the
+    # database's statement_timeout on the commands' connections.
+    command_timeout: float = 10.0
+    # How long a command waits for a wallet that another session holds locked, and for an
+    # Idempotency-Key that another transaction is deciding, before 503 `unavailable`.
+    lock_timeout: float = 2.0
+    # Commands waiting for a batch, per process; more are refused at once with 503 `overloaded`.
+    command_queue: int = 2000
+    # The longest a query waits for a connection (then 503 `overloaded`) and runs (then 503
+    # `unavailable`): the database's statement_timeout on the queries' connections.
+    read_timeout: float = 5.0
+    # Queries handled at once per process (the rest wait their turn, at most read_timeout): a
+    # flood of reads takes a bounded share of the process, and commands keep the rest.
+    read_concurrency: int = 4
+    # Opening a connection to the database gives up after this long.
+    connect_timeout: float = 5.0
     # How long a query with ``consistent_with`` waits for the projections before a 503.
     consistency_timeout: float = 5.0
     projector_batch_size: int = 2000
@@ -59,10 +81,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "info"
     # "json": one JSON object per line (production); "console": human-readable lines.
     log_format: str = "json"
-    # /health/ready answers 503 when a projection is stopped or further behind than this.
+    # /health/ready's checks call a projection failing when it is
+    # further behind than this; that never fails the readiness check itself.
     ready_max_lag_seconds: float = 60.0
     # The docs page and the OpenAPI document are served without a key unless this is false.
     docs_public: bool = True
+    # Request bodies larger than this are refused with 413 before they are read any further.
+    max_body_bytes: int = 64 * 1024
     # Requests per second per client for clients created without --rate-limit; None: unlimited.
     rate_limit: int | None = None
 
@@ -136,7 +161,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         data_dir=_parse(env, "TALLY_DATA_DIR", Path, d.data_dir),
         pool_min_size=_parse(env, "TALLY_POOL_MIN_SIZE", _positive(int), d.pool_min_size),
         pool_max_size=_parse(env, "TALLY_POOL_MAX_SIZE", _positive(int), d.pool_max_size),
+        read_pool_max_size=_parse(env, "TALLY_READ_POOL_MAX_SIZE", _positive(int), d.read_pool_max_size),
         command_concurrency=_parse(env, "TALLY_COMMAND_CONCURRENCY", _positive(int), d.command_concurrency),
+        command_timeout=_parse(env, "TALLY_COMMAND_TIMEOUT", _positive(float), d.command_timeout),
+        lock_timeout=_parse(env, "TALLY_LOCK_TIMEOUT", _positive(float), d.lock_timeout),
+        command_queue=_parse(env, "TALLY_COMMAND_QUEUE", _positive(int), d.command_queue),
+        read_timeout=_parse(env, "TALLY_READ_TIMEOUT", _positive(float), d.read_timeout),
+        read_concurrency=_parse(env, "TALLY_READ_CONCURRENCY", _positive(int), d.read_concurrency),
+        connect_timeout=_parse(env, "TALLY_CONNECT_TIMEOUT", _positive(float), d.connect_timeout),
         consistency_timeout=_parse(env, "TALLY_CONSISTENCY_TIMEOUT", _positive(float), d.consistency_timeout),
         projector_batch_size=_parse(
             env, "TALLY_PROJECTOR_BATCH_SIZE", _positive(int), d.projector_batch_size
@@ -154,7 +186,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         docs_public=_parse(env, "TALLY_DOCS_PUBLIC", _boolean, d.docs_public),
         rate_limit=_parse(env, "TALLY_RATE_LIMIT", _positive(int), d.rate_limit),
+        max_body_bytes=_parse(env, "TALLY_MAX_BODY_BYTES", _positive(int), d.max_body_bytes),
     )
     if settings.pool_min_size > settings.pool_max_size:
         raise SettingsError("TALLY_POOL_MIN_SIZE must not exceed TALLY_POOL_MAX_SIZE")
+    if settings.lock_timeout >= settings.command_timeout:
+        raise SettingsError("TALLY_LOCK_TIMEOUT must be shorter than TALLY_COMMAND_TIMEOUT")
+    if settings.command_concurrency >= settings.pool_max_size:
+        raise SettingsError("TALLY_COMMAND_CONCURRENCY must be less than TALLY_POOL_MAX_SIZE")
     return settings

@@ -1,21 +1,31 @@
-"""``python -m bench`` (``make bench``): set up, run the four scenarios, print and save the report.
+"""``python -m bench`` (``make bench``): set up, run the scenarios, print and save the report.
+
+The scenarios: spends over many wallets (``many``) and on one hot wallet (``hot``), each over
+HTTP and as raw SQL; and the read cost (``reads``, bench.reads): as-of and history pages on a
+wallet of 1,000,000 events against one of ten. ``--scenario`` picks some (repeatable; ``spends``
+is ``many`` and ``hot``); by default all run.
 
 Order of a run, and why:
 
-1. a fresh ``tally_bench`` database, migrated, with the asset GOLD and the wallets opened and
-   topped up through the event store's SQL functions, and every projection caught up;
+1. (spends) a fresh ``tally_bench`` database, migrated, with the asset GOLD and the wallets opened
+   and topped up through the event store's SQL functions, and every projection caught up;
 2. the server (``tally serve --projector``) on a free loopback port, waited for on /health/live;
 3. HTTP, many wallets, then HTTP, one hot wallet; before each a CHECKPOINT, after each a wait
    until the in-process projector has applied every event, so no scenario pays for the last;
 4. the server is stopped (SIGTERM), so its projector does not compete with the raw-SQL runs;
 5. raw SQL, many wallets, then raw SQL, one hot wallet (the limits the HTTP figures are set
-   against), unless ``--skip-raw``.
+   against), unless ``--skip-raw``;
+6. (reads) the kept ``tally_bench_reads`` database, migrated, its two wallets built if missing
+   (bench.read_wallets: several minutes the first time, nothing later), every projection caught
+   up; a CHECKPOINT; a server on it; the reads over HTTP; the server stopped; the same reads as
+   raw SQL, unless ``--skip-raw``. Last, so building cannot disturb the spend figures.
 
 Only one run at a time per checkout (a lock file under .data/): two would drop each other's
 database and share the cores.
 
-Durations default to 2 s of warm-up and 10 s measured per scenario; the whole run takes about a
-minute. Nothing is asserted: the exit status is 0 when the benchmark ran, whatever the figures.
+Durations default to 2 s of warm-up and 10 s measured per spend scenario; the spends take about a
+minute, the reads one to two more once their database is built. Nothing is asserted: the exit
+status is 0 when the benchmark ran, whatever the figures.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from typing import Any
 import uvloop
 
 from api.settings import Settings, SettingsError, load_settings
-from bench import report
+from bench import read_wallets, reads, report
 from bench.database import (
     BENCH_DATABASE,
     Target,
@@ -79,16 +89,47 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def _deep_events(raw: str) -> int:
+    value = int(raw)
+    if value <= read_wallets.SHALLOW_EVENTS:
+        raise argparse.ArgumentTypeError(f"must be more than {read_wallets.SHALLOW_EVENTS}")
+    return value
+
+
+SCENARIOS = ("many", "hot", "reads")
+_SCENARIO_CHOICES = (*SCENARIOS, "spends")
+
+
+def selected_scenarios(chosen: list[str] | None) -> list[str]:
+    """The scenarios to run, in run order: all of them unless some were chosen."""
+    if not chosen:
+        return list(SCENARIOS)
+    wanted = set(chosen) | ({"many", "hot"} if "spends" in chosen else set())
+    return [name for name in SCENARIOS if name in wanted]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Spends per second and latency of Tally's HTTP API, against the raw-SQL limit.",
+        description="Spends per second and latency of Tally's HTTP API, against the raw-SQL limit; "
+        "and what as-of and history reads cost on a wallet of 1,000,000 events against one of ten.",
     )
     parser.add_argument(
-        "--duration", type=_positive_float, default=10.0, help="measured seconds per scenario"
+        "--scenario", action="append", choices=_SCENARIO_CHOICES, metavar="NAME",
+        help="run only this scenario (repeatable): many, hot, spends (both), reads; default: all",
+    )  # fmt: skip
+    parser.add_argument(
+        "--duration", type=_positive_float, default=10.0, help="measured seconds per spend scenario"
     )
     parser.add_argument(
-        "--warmup", type=_non_negative_float, default=2.0, help="warm-up seconds per scenario"
+        "--warmup", type=_non_negative_float, default=2.0, help="warm-up seconds per spend scenario"
     )
     parser.add_argument(
         "--wallets", type=_positive_int, default=10_000, help="wallets in the many-wallet run"
@@ -104,6 +145,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--raw-pool", type=_positive_int, default=None, metavar="N",
         help="connections in the raw-SQL pool (default: one per client); e.g. the API's pool size",
     )  # fmt: skip
+    parser.add_argument(
+        "--reads-requests", type=_positive_int, default=200, metavar="N",
+        help="reads: measured sequential requests per wallet and read (after a warm-up)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reads-clients", type=_non_negative_int, default=8, metavar="N",
+        help="reads: clients of the concurrent HTTP run (0: none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reads-max-seconds", type=_positive_float, default=10.0, metavar="S",
+        help="reads: measured seconds at most per run (a slow read stops early)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--deep-events", type=_deep_events, default=read_wallets.DEEP_EVENTS, metavar="N",
+        help="reads: events of the large wallet (built once, kept in tally_bench_reads)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rebuild-reads",
+        action="store_true",
+        help="reads: drop the kept tally_bench_reads and build it again",
+    )
     parser.add_argument(
         "--json", type=Path, default=RESULTS / "latest.json", metavar="PATH", help="where to write the report"
     )
@@ -215,55 +277,96 @@ async def _sql_phase(
         _progress(f"  {result.spends_per_s:,.0f} spends/s, {sum(result.errors.values())} errors")
 
 
+async def _reads_http_phase(
+    server: Server, wallets: list[read_wallets.ReadWallet], config: reads.ReadConfig
+) -> tuple[float, list[reads.ReadMeasured]]:
+    health_s = await wait_live(server)
+    measured = await reads.run_http(server.port, wallets, config, _progress)
+    if server.process.poll() is not None:
+        raise RuntimeError(f"the server exited during the run:\n{server.log_tail()}")
+    return health_s, measured
+
+
+def _run_reads(
+    args: argparse.Namespace, settings: Settings, target: Target
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The read-cost scenario (step 6 of the module doc): its part of the report, and the facts of
+    its database's server."""
+    clock = time.perf_counter()
+    url = read_wallets.reads_url(target)
+    _progress(
+        f"reads: {read_wallets.READS_DATABASE}, wallets of {read_wallets.SHALLOW_EVENTS} and "
+        f"{args.deep_events:,} events"
+    )
+    wallets, setup = uvloop.run(
+        read_wallets.prepare(
+            target, deep_events=args.deep_events, rebuild=args.rebuild_reads, progress=_progress
+        )
+    )
+    setup["prepare_s"] = round(time.perf_counter() - clock, 2)
+    _progress(f"  ready in {setup['prepare_s']:g} s ({setup['database']})")
+    uvloop.run(checkpoint(url))
+    pg = uvloop.run(postgres_facts(url))
+    config = reads.ReadConfig(
+        requests=args.reads_requests, clients=args.reads_clients, max_seconds=args.reads_max_seconds
+    )
+    _progress("starting the server on the read-cost database")
+    with running_server(url, root=ROOT, log_path=RESULTS / "server-reads.log") as server:
+        setup["server_ready_s"], measured = uvloop.run(_reads_http_phase(server, wallets, config))
+    setup["server_exit_code"] = server.process.returncode
+    if not args.skip_raw:
+        measured += uvloop.run(reads.run_sql(url, settings, wallets, config, _progress))
+    setup["total_s"] = round(time.perf_counter() - clock, 1)
+    part = report.reads_json(
+        database=read_wallets.READS_DATABASE, setup=setup, config=config, wallets=wallets, measured=measured
+    )
+    return part, pg
+
+
 def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     """Everything but printing: returns the report."""
     clock = time.perf_counter()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    scenarios = selected_scenarios(args.scenario)
     machine = machine_facts()
     machine["background_pct_of_core"] = background_load()
     many = wallet_ids(args.wallets)
     workloads = [
-        Workload("many", f"many wallets ({args.wallets:,})", args.clients_many, many),
-        Workload("hot", "one hot wallet", args.clients_hot, [HOT_WALLET]),
+        workload
+        for workload in (
+            Workload("many", f"many wallets ({args.wallets:,})", args.clients_many, many),
+            Workload("hot", "one hot wallet", args.clients_hot, [HOT_WALLET]),
+        )
+        if workload.key in scenarios
     ]
     limits = LoadLimits(warmup=args.warmup, duration=args.duration, max_requests=args.max_requests)
     tag = uuid.uuid4().hex[:8]  # keeps Idempotency-Keys unique across runs, should a database be kept
     results: list[report.Measured] = []
+    setup: dict[str, Any] = {}
+    pg: dict[str, Any] = {}
+    reads_part: dict[str, Any] | None = None
 
     with bench_postgres(ROOT) as target:
-        _progress(f"setting up {BENCH_DATABASE}: {args.wallets:,} wallets + 1 hot wallet")
-        setup, pg = uvloop.run(_prepare(target, [*many, HOT_WALLET]))
-        _progress(f"  done: {setup}")
-        postmaster = target.postmaster_pid or pg.get("local_postmaster_pid")
-        _progress("starting the server")
-        with running_server(target.bench_url, root=ROOT, log_path=RESULTS / "server.log") as server:
-            setup["server_ready_s"] = uvloop.run(
-                _http_phase(
-                    server, target, workloads, tag=tag, limits=limits, postmaster=postmaster, results=results
-                )
+        if workloads:
+            _spends(
+                args, settings, target, workloads, tag=tag, limits=limits, setup=setup, pg=pg, results=results
             )
-        setup["server_exit_code"] = server.process.returncode
-        if not args.skip_raw:
-            uvloop.run(
-                _sql_phase(
-                    target,
-                    settings,
-                    workloads,
-                    tag=tag,
-                    limits=limits,
-                    postmaster=postmaster,
-                    pool_size=args.raw_pool,
-                    results=results,
-                )
-            )
+        if "reads" in scenarios:
+            reads_part, reads_pg = _run_reads(args, settings, target)
+            pg = pg or reads_pg
 
     meta: dict[str, Any] = {
         "started_at": started_at,
         "total_runtime_s": round(time.perf_counter() - clock, 1),
         "commit": _commit(),
         "machine": machine,
-        "postgres": {**pg, "embedded": target.embedded, "database": BENCH_DATABASE},
+        "postgres": {
+            **pg,
+            "embedded": target.embedded,
+            "database": BENCH_DATABASE if workloads else read_wallets.READS_DATABASE,
+        },
         "config": {
+            "scenarios": scenarios,
             "warmup_s": args.warmup,
             "duration_s": args.duration,
             "wallets": args.wallets,
@@ -282,7 +385,51 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         },
         "setup": setup,
     }
-    return report.build(meta, results)
+    return report.build(meta, results, reads_part)
+
+
+def _spends(
+    args: argparse.Namespace,
+    settings: Settings,
+    target: Target,
+    workloads: list[Workload],
+    *,
+    tag: str,
+    limits: LoadLimits,
+    setup: dict[str, Any],
+    pg: dict[str, Any],
+    results: list[report.Measured],
+) -> None:
+    """The spend scenarios (steps 1 to 5 of the module doc); fills ``setup``, ``pg`` and ``results``."""
+    many = next((w.user_ids for w in workloads if w.key == "many"), [])
+    user_ids = [*many, HOT_WALLET]
+    _progress(f"setting up {BENCH_DATABASE}: {len(many):,} wallets + 1 hot wallet")
+    prepared, facts = uvloop.run(_prepare(target, user_ids))
+    setup |= prepared
+    pg |= facts
+    _progress(f"  done: {prepared}")
+    postmaster = target.postmaster_pid or pg.get("local_postmaster_pid")
+    _progress("starting the server")
+    with running_server(target.bench_url, root=ROOT, log_path=RESULTS / "server.log") as server:
+        setup["server_ready_s"] = uvloop.run(
+            _http_phase(
+                server, target, workloads, tag=tag, limits=limits, postmaster=postmaster, results=results
+            )
+        )
+    setup["server_exit_code"] = server.process.returncode
+    if not args.skip_raw:
+        uvloop.run(
+            _sql_phase(
+                target,
+                settings,
+                workloads,
+                tag=tag,
+                limits=limits,
+                postmaster=postmaster,
+                pool_size=args.raw_pool,
+                results=results,
+            )
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,16 +118,25 @@ async def recreate(target: Target) -> None:
     conn = await asyncpg.connect(target.bench_url)
     try:
         await migrate(conn)
-        await conn.execute(
-            "INSERT INTO clients (client_id, name, scopes) VALUES ($1, 'bench', '{admin}')",
-            uuid.UUID(BENCH_CLIENT_ID),
-        )
-        await conn.execute(
-            "INSERT INTO client_secrets (secret_id, client_id, secret_hash) VALUES ($1, $2, $3)",
-            secret_id_of(BENCH_SECRET), uuid.UUID(BENCH_CLIENT_ID), secret_hash(BENCH_SECRET),
-        )  # fmt: skip
+        await ensure_bench_client(conn)
     finally:
         await conn.close()
+
+
+async def ensure_bench_client(conn: asyncpg.Connection) -> None:
+    """The benchmark's client (every scope) and its secret, made or made valid again (a database
+    the benchmark keeps, bench.read_wallets, has them from an earlier run)."""
+    await conn.execute(
+        """INSERT INTO clients (client_id, name, scopes) VALUES ($1, 'bench', '{admin}')
+           ON CONFLICT (client_id) DO UPDATE SET scopes = '{admin}', expires_at = NULL, revoked_at = NULL""",
+        uuid.UUID(BENCH_CLIENT_ID),
+    )
+    await conn.execute(
+        """INSERT INTO client_secrets (secret_id, client_id, secret_hash) VALUES ($1, $2, $3)
+           ON CONFLICT (secret_id) DO UPDATE
+              SET client_id = EXCLUDED.client_id, secret_hash = EXCLUDED.secret_hash, expires_at = NULL""",
+        secret_id_of(BENCH_SECRET), uuid.UUID(BENCH_CLIENT_ID), secret_hash(BENCH_SECRET),
+    )  # fmt: skip
 
 
 def _fingerprint(path: str, body: bytes) -> bytes:

@@ -80,14 +80,20 @@ class LoadResult:
 
     def latency_ms(self) -> dict[str, float | None]:
         """p50/p90/p99/max/mean in milliseconds (nearest-rank percentiles), None when empty."""
-        ordered = sorted(self.latencies)
-        return {
-            "p50": _ms(_percentile(ordered, 0.50)),
-            "p90": _ms(_percentile(ordered, 0.90)),
-            "p99": _ms(_percentile(ordered, 0.99)),
-            "max": _ms(ordered[-1] if ordered else None),
-            "mean": _ms(sum(ordered) / len(ordered) if ordered else None),
-        }
+        return latency_summary_ms(self.latencies)
+
+
+def latency_summary_ms(latencies: Sequence[float]) -> dict[str, float | None]:
+    """p50/p90/p99/max/mean of ``latencies`` (seconds) in milliseconds (nearest-rank percentiles),
+    None when empty."""
+    ordered = sorted(latencies)
+    return {
+        "p50": _ms(_percentile(ordered, 0.50)),
+        "p90": _ms(_percentile(ordered, 0.90)),
+        "p99": _ms(_percentile(ordered, 0.99)),
+        "max": _ms(ordered[-1] if ordered else None),
+        "mean": _ms(sum(ordered) / len(ordered) if ordered else None),
+    }
 
 
 def _percentile(ordered: Sequence[float], q: float) -> float | None:

@@ -20,21 +20,25 @@ and on a hot wallet the row lock is held through each commit's WAL flush.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import asyncpg
 import msgspec
 
+from commands.errors import Overloaded, Unavailable, describe, is_transient
 from domain import ACCEPTED, REJECTIONS, DefineAsset, OpenWallet, TransactionCommand
 
 log = logging.getLogger("tally.event_store")
 
 _DEFINE_ASSET = "SELECT outcome, body, replayed FROM tally_define_asset($1::jsonb)"
 _OPEN_WALLET = "SELECT outcome, body, replayed FROM tally_open_wallet($1::jsonb)"
-_POST_TRANSACTIONS = "SELECT idx, outcome, body, replayed FROM tally_post_transactions($1::jsonb)"
+_POST_TRANSACTIONS = "SELECT idx, outcome, body, replayed FROM tally_post_transactions($1::jsonb, $2::int)"
+# Not a decision: the command's wallet was held by another transaction (its key was let go).
+WALLET_LOCKED = "wallet_locked"
 
 _Outcome = tuple[str, str, bool]  # outcome, body, replayed
 
@@ -50,6 +54,10 @@ class CommandContext(msgspec.Struct, frozen=True, kw_only=True):
     created_by: str
     fingerprint: bytes
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
+    # The request's fingerprint as Tally computed it before fingerprints sorted the keys of JSON
+    # objects (they were hashed in the order sent), when that differs: a key recorded then keeps
+    # replaying (tally_replay).
+    legacy_fingerprint: bytes | None = None
 
     @staticmethod
     def fingerprint_of(*parts: str | bytes) -> bytes:
@@ -70,11 +78,13 @@ class CommandRecord(msgspec.Struct, frozen=True):
     fingerprint: str  # PostgreSQL's hex form of bytea: "\\x…"
     context: dict[str, str]
     command: DefineAsset | OpenWallet | TransactionCommand
+    legacy_fingerprint: str | None = None  # same form; see CommandContext
 
     @classmethod
     def of(cls, ctx: CommandContext, command: DefineAsset | OpenWallet | TransactionCommand) -> CommandRecord:
         context = {**ctx.metadata, "created_by": ctx.created_by}
-        return cls(ctx.command_id, ctx.client_id, "\\x" + ctx.fingerprint.hex(), context, command)
+        legacy = None if ctx.legacy_fingerprint is None else "\\x" + ctx.legacy_fingerprint.hex()
+        return cls(ctx.command_id, ctx.client_id, "\\x" + ctx.fingerprint.hex(), context, command, legacy)
 
 
 class Accepted(msgspec.Struct, frozen=True):
@@ -102,9 +112,27 @@ def outcome_of(outcome: str, body: str, replayed: bool) -> Accepted:
     raise error
 
 
+class _Pending:
+    """A transaction command waiting for its batch: its record, the future its caller awaits, its
+    wallet, and the moment its caller stops waiting (loop time)."""
+
+    __slots__ = ("deadline", "future", "record", "wallet")
+
+    def __init__(self, record: CommandRecord, future: asyncio.Future[_Outcome], wallet: str, deadline: float):
+        self.record = record
+        self.future = future
+        self.wallet = wallet
+        self.deadline = deadline
+
+
 class EventStore:
     """``on_append`` is called after new events commit (the app uses it to wake projectors); it must
-    not block."""
+    not block.
+
+    Every call is bounded: a command waits at most ``timeout`` seconds, queued and running (then
+    Unavailable), the queue holds at most ``max_queue`` commands (beyond: Overloaded), and a wallet
+    locked by another session is waited for at most ``lock_wait`` seconds, by that wallet's
+    commands only (then Unavailable)."""
 
     def __init__(
         self,
@@ -113,14 +141,28 @@ class EventStore:
         *,
         max_in_flight: int = 4,
         max_batch: int = 100,
+        max_queue: int = 2000,
+        timeout: float = 10.0,
+        lock_wait: float = 2.0,
     ) -> None:
         self._pool = pool
         self._on_append = on_append
         self._max_in_flight = max_in_flight
         self._max_batch = max_batch
-        self._queue: list[tuple[CommandRecord, asyncio.Future[_Outcome]]] = []
+        self._max_queue = max_queue
+        self._timeout = timeout
+        self._lock_wait = lock_wait
+        self._queue: collections.deque[_Pending] = collections.deque()
         self._in_flight = 0
-        self._flushers: set[asyncio.Task[None]] = set()  # references, so tasks are not collected
+        # Wallets that a batch of this process holds or is about to lock (group or retry): their
+        # other commands wait in the queue, so this process's batches never contend for a row.
+        self._held: set[str] = set()
+        self._retry_slots = asyncio.Semaphore(max_in_flight)
+        self._tasks: set[asyncio.Task[None]] = set()  # references, so tasks are not collected
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
 
     async def define_asset(self, ctx: CommandContext, command: DefineAsset) -> Accepted:
         return await self._execute(_DEFINE_ASSET, CommandRecord.of(ctx, command))
@@ -129,56 +171,163 @@ class EventStore:
         return await self._execute(_OPEN_WALLET, CommandRecord.of(ctx, command))
 
     async def post_transaction(self, ctx: CommandContext, command: TransactionCommand) -> Accepted:
-        future: asyncio.Future[_Outcome] = asyncio.get_running_loop().create_future()
-        self._queue.append((CommandRecord.of(ctx, command), future))
-        if self._in_flight < self._max_in_flight:
+        if len(self._queue) >= self._max_queue:
+            raise Overloaded(f"{len(self._queue)} commands are already waiting in this process")
+        loop = asyncio.get_running_loop()
+        item = _Pending(
+            CommandRecord.of(ctx, command), loop.create_future(), command.user_id, loop.time() + self._timeout
+        )
+        self._queue.append(item)
+        self._kick()
+        try:
+            async with asyncio.timeout(self._timeout):
+                outcome = await asyncio.shield(item.future)
+        except TimeoutError:
+            if item.future.done() and not item.future.cancelled() and item.future.exception() is None:
+                return outcome_of(*item.future.result())
+            # Still queued, it will not run; already in a batch, its outcome is stored anyway.
+            item.future.cancel()
+            raise Unavailable(
+                f"the command was not decided within {self._timeout:g} s; "
+                "retry with the same Idempotency-Key: it replays or applies once"
+            ) from None
+        return outcome_of(*outcome)
+
+    def _start(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _kick(self) -> None:
+        """Start a flusher if commands wait and fewer than ``max_in_flight`` run."""
+        if self._queue and self._in_flight < self._max_in_flight:
             self._in_flight += 1
-            flusher = asyncio.create_task(self._flush())
-            self._flushers.add(flusher)
-            flusher.add_done_callback(self._flushers.discard)
-        return outcome_of(*await future)
+            self._start(self._flush())
+
+    def _take(self) -> list[_Pending]:
+        """The next batch: queued commands in order, skipping those whose caller gave up and those
+        of a wallet another batch of this process holds (they stay queued, in order)."""
+        batch: list[_Pending] = []
+        wallets: set[str] = set()
+        skipped: list[_Pending] = []
+        while self._queue and len(batch) < self._max_batch:
+            item = self._queue.popleft()
+            if item.future.done():
+                continue
+            if item.wallet in self._held and item.wallet not in wallets:
+                skipped.append(item)
+                continue
+            wallets.add(item.wallet)
+            batch.append(item)
+        self._queue.extendleft(reversed(skipped))
+        self._held |= wallets
+        return batch
 
     async def _flush(self) -> None:
-        """Run batches while commands are queued; at most ``max_in_flight`` of these run at once.
+        """Run batches while there are commands to take; at most ``max_in_flight`` of these run.
 
-        The count is decremented in the same step that finds the queue empty (no await between),
-        so a command queued at any moment either finds a flusher that will take it, or starts one.
-        """
+        The count is decremented in the same step that finds nothing to take (no await between),
+        so a command queued at any moment either finds a flusher that will take it, or starts one,
+        or waits for a held wallet whose holder kicks the queue when it lets go."""
         try:
-            while self._queue:
-                batch = self._queue[: self._max_batch]
-                del self._queue[: self._max_batch]
-                await self._run_batch(batch)
+            while batch := self._take():
+                handed_over: set[str] = set()
+                try:
+                    handed_over = await self._run_batch(batch)
+                finally:
+                    self._held -= {item.wallet for item in batch} - handed_over
         finally:
             self._in_flight -= 1
 
-    async def _run_batch(self, batch: Sequence[tuple[CommandRecord, asyncio.Future[_Outcome]]]) -> None:
+    async def _run_batch(self, batch: Sequence[_Pending], lock_wait: float | None = None) -> set[str]:
+        """Run one batch; the wallets handed over to a retry that waits for them (still held)."""
         try:
-            rows = await self._pool.fetch(_POST_TRANSACTIONS, _json([record for record, _ in batch]))
+            async with self._pool.acquire(timeout=self._timeout) as conn:
+                rows = await conn.fetch(
+                    _POST_TRANSACTIONS,
+                    _json([item.record for item in batch]),
+                    None if lock_wait is None else max(1, round(lock_wait * 1000)),
+                    timeout=self._timeout + 1,
+                )
         except asyncio.CancelledError:  # the loop is going away: nobody may wait forever
-            for _, future in batch:
-                future.cancel()
+            for item in batch:
+                item.future.cancel()
             raise
         except Exception as exc:
-            # Retrying one by one is safe whatever happened: a batch that rolled back applied
-            # nothing, and one that committed before its connection died replays its outcomes.
-            if len(batch) == 1:
-                if not batch[0][1].done():
-                    batch[0][1].set_exception(exc)
-                return
-            log.warning("a batch of %d commands failed (%s); retrying them one by one", len(batch), exc)
-            for item in batch:
-                await self._run_batch([item])
-            return
+            return await self._batch_failed(batch, exc)
         if self._on_append is not None and any(r["outcome"] == ACCEPTED and not r["replayed"] for r in rows):
             self._on_append()
+        locked: dict[str, list[_Pending]] = {}
         for row in rows:
-            future = batch[row["idx"] - 1][1]
-            if not future.done():  # its caller may have gone (cancelled); the outcome is stored anyway
-                future.set_result((row["outcome"], row["body"], row["replayed"]))
+            item = batch[row["idx"] - 1]
+            if row["outcome"] == WALLET_LOCKED:
+                if lock_wait is None:
+                    locked.setdefault(item.wallet, []).append(item)
+                elif not item.future.done():  # cannot happen: a waiting batch locks its wallets first
+                    item.future.set_exception(
+                        Unavailable(f"wallet {item.wallet} is locked by another session")
+                    )
+            elif not item.future.done():  # its caller may have gone; the outcome is stored anyway
+                item.future.set_result((row["outcome"], row["body"], row["replayed"]))
+        for wallet, items in locked.items():
+            self._start(self._wait_for_wallet(wallet, items))
+        return set(locked)
+
+    async def _batch_failed(self, batch: Sequence[_Pending], exc: Exception) -> set[str]:
+        if is_transient(exc):
+            # Nothing to learn by retrying now. The batch applied nothing, or committed as its
+            # connection died: either way each command's key replays or applies it once.
+            log.warning("a batch of %d commands failed: %r", len(batch), exc)
+            error = Unavailable(f"the command could not be decided: {describe(exc)}")
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return set()
+        if len(batch) == 1:
+            if not batch[0].future.done():
+                batch[0].future.set_exception(exc)
+            return set()
+        # A command the batch function refused (a bug, not a decision): retrying one by one finds
+        # it, and decides the others. Safe, since the batch rolled back.
+        log.warning("a batch of %d commands failed (%s); retrying them one by one", len(batch), exc)
+        handed_over: set[str] = set()
+        for item in batch:
+            handed_over |= await self._run_batch([item])
+        return handed_over
+
+    async def _wait_for_wallet(self, wallet: str, items: list[_Pending]) -> None:
+        """Retry the commands of a wallet another transaction held, as one batch that waits for the
+        wallet's lock, bounded by ``lock_wait`` and by their callers' patience; at most
+        ``max_in_flight`` such retries run at once, so a few locked wallets cannot take every
+        connection. The wallet stays held meanwhile (its later commands queue behind these)."""
+        loop = asyncio.get_running_loop()
+        try:
+            items = [item for item in items if not item.future.done()]
+            patience = min((item.deadline for item in items), default=0.0) - loop.time()
+            if patience <= 0.05:
+                return  # every caller has given up, or is about to: nobody to answer
+            try:
+                async with asyncio.timeout(patience):
+                    await self._retry_slots.acquire()
+            except TimeoutError:
+                return  # their callers are answered by their own timeouts
+            try:
+                wait = min(self._lock_wait, max(0.001, min(i.deadline for i in items) - loop.time()))
+                await self._run_batch(items, lock_wait=wait)
+            finally:
+                self._retry_slots.release()
+        finally:
+            self._held.discard(wallet)
+            self._kick()
 
     async def _execute(self, sql: str, record: CommandRecord) -> Accepted:
-        row = await self._pool.fetchrow(sql, _json(record))
+        try:
+            async with self._pool.acquire(timeout=self._timeout) as conn:
+                row = await conn.fetchrow(sql, _json(record), timeout=self._timeout + 1)
+        except Exception as exc:
+            if is_transient(exc):
+                raise Unavailable(f"the command could not be decided: {describe(exc)}") from exc
+            raise
         assert row is not None
         if row["outcome"] == ACCEPTED and not row["replayed"] and self._on_append is not None:
             self._on_append()

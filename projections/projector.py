@@ -19,12 +19,16 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from typing import Final
 
 import asyncpg
 import msgspec
 
+from commands.errors import is_transient
 from projections.positions import Position
+from projections.reader import Reader
+from projections.status import RESTORED
 
 log = logging.getLogger("tally.projector")
 
@@ -44,6 +48,7 @@ MIN_ROUND_INTERVAL: Final = 0.02
 RECONNECT_DELAYS: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 _NOTIFY = "SELECT pg_notify($1, $2)"
+_HISTORY_AHEAD = "SELECT tally_history_ahead()"
 _STOPPED = "SELECT name FROM projection_checkpoints WHERE error IS NOT NULL"
 _NEXT_EVENT = """
 SELECT e.global_position, e.stream_id, e.stream_version, e.event_type
@@ -53,19 +58,6 @@ SELECT e.global_position, e.stream_id, e.stream_version, e.event_type
 _STOP_PROJECTION = """
 UPDATE projection_checkpoints SET error = $2, error_position = $3, stopped_at = now() WHERE name = $1
 """
-# SQLSTATE classes of errors that say nothing about the event being applied: connection (08),
-# transaction rollback such as deadlocks (40), insufficient resources (53), lock not available and
-# object in use (55), operator intervention such as a restart (57), system errors (58). Anything
-# else (a data or constraint error) is what a poison event looks like.
-_TRANSIENT_SQLSTATE_CLASSES: Final = frozenset({"08", "40", "53", "55", "57", "58"})
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for errors to retry after a pause (reconnecting), False for a failing event."""
-    if isinstance(exc, OSError | asyncpg.InterfaceError | TimeoutError):
-        return True
-    sqlstate = getattr(exc, "sqlstate", None) or ""
-    return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES
 
 
 def projection_lock_key(name: str) -> int:
@@ -176,10 +168,19 @@ class Projector:
             log.info("projector active (%s)", self.application_name)
             self._failures = 0  # back to short pauses once it works again
             last: dict[str, Position] = {}
+            warned = 0.0
             while not stop.is_set():
                 if listener.is_closed():
                     raise asyncpg.InterfaceError("the listening connection closed")
                 self._wake.clear()
+                if await self._pool.fetchval(_HISTORY_AHEAD):
+                    # Restored from another cluster: nothing new can be read in order until
+                    # `tally migrate` rebases the writer_xids (commands/sql/tally_writer_xid.sql).
+                    if time.monotonic() - warned > 60:
+                        log.error("projections wait: %s", RESTORED)
+                        warned = time.monotonic()
+                    await _wait_any(asyncio.Event(), stop, self._poll_interval)
+                    continue
                 checkpoints = await catch_up(self._pool, self._batch_size)
                 if checkpoints != last:
                     payload = msgspec.json.encode({k: v.token() for k, v in checkpoints.items()}).decode()
@@ -218,7 +219,7 @@ class ProjectorWaker:
     and serialise every commit behind it. At most one NOTIFY is in flight; pokes meanwhile fold
     into the next one."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: Reader) -> None:
         self._pool = pool
         self._pending = asyncio.Event()
 
@@ -232,6 +233,8 @@ class ProjectorWaker:
                 self._pending.clear()
                 try:
                     await self._pool.execute(_NOTIFY, EVENTS_CHANNEL, "")
-                except (asyncpg.PostgresError, OSError):
-                    log.warning("could not notify the projectors; they will poll", exc_info=True)
+                except Exception as exc:  # the database is away or slow: the projectors poll
+                    if not is_transient(exc):
+                        raise
+                    log.warning("could not notify the projectors (%r); they will poll", exc)
                 await asyncio.sleep(MIN_ROUND_INTERVAL)

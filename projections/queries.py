@@ -20,6 +20,7 @@ from projections.read_models import (
     TransactionPage,
     Wallet,
 )
+from projections.reader import Reader
 
 
 class TransactionNotFound(Exception):
@@ -79,12 +80,12 @@ _METADATA = msgspec.json.Decoder(dict[str, str])
 _NO_CURSOR = 2**62
 
 
-async def list_assets(pool: asyncpg.Pool) -> AssetList:
+async def list_assets(pool: Reader) -> AssetList:
     rows = await pool.fetch(_ASSETS)
     return AssetList(items=[Asset(**dict(r)) for r in rows])
 
 
-async def get_wallet(pool: asyncpg.Pool, user_id: str) -> Wallet:
+async def get_wallet(pool: Reader, user_id: str) -> Wallet:
     row = await pool.fetchrow(_WALLET, user_id)
     if row is None:
         raise WalletNotFound(f"no wallet for user {user_id}")
@@ -136,7 +137,7 @@ def _transaction(row: asyncpg.Record) -> Transaction:
 
 
 async def wallet_history(
-    pool: asyncpg.Pool, user_id: str, *, asset: str | None, limit: int, cursor: str | None
+    pool: Reader, user_id: str, *, asset: str | None, limit: int, cursor: str | None
 ) -> TransactionPage:
     """Newest first, keyset-paged on the wallet version (stable under concurrent appends)."""
     rows = await pool.fetch(_HISTORY, user_id, asset, decode_cursor(cursor), limit + 1)
@@ -151,7 +152,7 @@ async def wallet_history(
     return TransactionPage(items=items, next_cursor=next_cursor)
 
 
-async def get_transaction(pool: asyncpg.Pool, transaction_id: str) -> Transaction:
+async def get_transaction(pool: Reader, transaction_id: str) -> Transaction:
     try:
         key = uuid.UUID(transaction_id)
     except ValueError:
@@ -162,7 +163,7 @@ async def get_transaction(pool: asyncpg.Pool, transaction_id: str) -> Transactio
     return _transaction(row)
 
 
-async def system_balances(pool: asyncpg.Pool) -> SystemBalances:
+async def system_balances(pool: Reader) -> SystemBalances:
     """Per asset, the system accounts and the users' total, and their sum (zero unless broken)."""
     balances = []
     for r in await pool.fetch(_SYSTEM_BALANCES):

@@ -11,12 +11,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import msgspec
 
 from projections.positions import ORIGIN, Position
-from projections.projector import PROGRESS_CHANNEL
+from projections.projector import PROGRESS_CHANNEL, RECONNECT_DELAYS
+from projections.reader import Reader
 
 log = logging.getLogger("tally.watcher")
 
@@ -29,24 +31,73 @@ class ProjectionTimeout(Exception):
 
 
 class ProjectionWatcher:
-    def __init__(self, pool: asyncpg.Pool, url: str) -> None:
-        self._pool = pool
-        self._url = url
+    """``connect`` opens the dedicated listening connection; ``reader`` polls the checkpoints.
+
+    The listening connection is watched and opened again (with backoff) whenever it is lost, as
+    when the database restarts: until then waiters poll, so a lost connection delays answers,
+    never falsifies them. Polls are shared: however many requests wait, one poll runs at a time."""
+
+    def __init__(self, reader: Reader, connect: Callable[[], Awaitable[asyncpg.Connection]]) -> None:
+        self._reader = reader
+        self._connect = connect
         self._positions: dict[str, Position] = {}
         self._changed = asyncio.Event()
         self._listener: asyncpg.Connection | None = None
+        self._lost = asyncio.Event()
+        self._poll_task: asyncio.Task[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self.reconnects = 0
+
+    @property
+    def listening(self) -> bool:
+        return self._listener is not None and not self._listener.is_closed()
 
     async def start(self) -> None:
-        self._listener = await asyncpg.connect(
-            self._url, server_settings={"application_name": "tally-watcher"}
-        )
-        await self._listener.add_listener(PROGRESS_CHANNEL, self._on_progress)
-        await self._poll()
+        """Listen, and keep listening; a database that is down now is retried in the background."""
+        with contextlib.suppress(Exception):
+            await self._listen()
+            await self._poll()
+        self._keeper = asyncio.create_task(self._keep_listening(), name="watcher-listener")
 
     async def close(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(BaseException):
+                await self._keeper
         if self._listener is not None:
             with contextlib.suppress(Exception):
-                await self._listener.close()
+                await asyncio.wait_for(self._listener.close(), 2)
+
+    async def _listen(self) -> None:
+        self._lost.clear()
+        listener = await self._connect()
+        listener.add_termination_listener(lambda _conn: self._lost.set())
+        await listener.add_listener(PROGRESS_CHANNEL, self._on_progress)
+        self._listener = listener
+
+    async def _keep_listening(self) -> None:
+        failures = 0
+        while True:
+            if self.listening:
+                # Woken when asyncpg sees the connection end; the timeout also catches a path
+                # that went silent (the keepalives close it within about half a minute).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._lost.wait(), 5.0)
+                if self.listening:
+                    continue
+                log.warning("the listening connection was lost; listening again")
+            try:
+                await self._listen()
+            except Exception as exc:  # the database is away: try again, more slowly each time
+                delay = RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)]
+                failures += 1
+                log.warning("could not listen for projection progress (%r); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            self.reconnects += 1
+            with contextlib.suppress(Exception):
+                await self._poll()  # whatever was notified while nobody listened
 
     def _on_progress(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         try:
@@ -62,9 +113,20 @@ class ProjectionWatcher:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def _poll(self) -> None:
-        rows = await self._pool.fetch(_CHECKPOINTS)
+    async def _poll_once(self) -> None:
+        rows = await self._reader.fetch(_CHECKPOINTS)
         self._advance({r["name"]: Position(int(r["last_xid"]), r["last_position"]) for r in rows})
+
+    async def _poll(self) -> None:
+        """Read the checkpoints, or wait for the read already running."""
+        if self._poll_task is None or self._poll_task.done():
+            self._poll_task = asyncio.create_task(self._poll_once())
+        await asyncio.shield(self._poll_task)
+
+    async def next_progress(self, seconds: float) -> None:
+        """Return when the projections next report progress, or after ``seconds``."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), seconds)
 
     async def wait_for(self, projection: str, token: Position, seconds: float) -> None:
         """Return once ``projection`` has applied ``token``; ProjectionTimeout after ``seconds``."""
@@ -79,4 +141,5 @@ class ProjectionWatcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), min(remaining, _FALLBACK_POLL))
                 continue
-            await self._poll()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poll(), max(0.01, deadline - time.monotonic()))

@@ -15,7 +15,7 @@ import os
 import socket
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlsplit, urlunsplit
@@ -159,17 +159,21 @@ def _free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def serving(db_url: str, *, projector: bool = True) -> AsyncIterator[LiveServer]:
+async def serving(
+    db_url: str, *, projector: bool = True, env: Mapping[str, str] | None = None, port: int | None = None
+) -> AsyncIterator[LiveServer]:
     """`tally serve` (with ``--projector`` unless told otherwise) as its own process on a free
-    loopback port, connected as the application role; stopped (SIGTERM) on the way out."""
-    port = _free_port()
-    env = {
+    loopback port (or ``port``), connected to ``db_url``'s server as the application role, with
+    ``env`` added to its environment (``{"TALLY_COMMAND_TIMEOUT": "2"}``, say); stopped (SIGTERM)
+    on the way out unless it has exited already (a test that SIGKILLs it)."""
+    port = _free_port() if port is None else port
+    environment = {
         **os.environ, "DATABASE_URL": with_user(db_url, APP_ROLE, None), "HOST": "127.0.0.1",
         "PORT": str(port),
-        "TALLY_LOG_LEVEL": "warning", "TALLY_PROJECTOR_POLL_INTERVAL": "0.2",
+        "TALLY_LOG_LEVEL": "warning", "TALLY_PROJECTOR_POLL_INTERVAL": "0.2", **(env or {}),
     }  # fmt: skip
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "api.cli", "serve", *(["--projector"] if projector else []), env=env
+        sys.executable, "-m", "api.cli", "serve", *(["--projector"] if projector else []), env=environment
     )
     url = f"http://127.0.0.1:{port}"
     try:

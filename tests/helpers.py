@@ -65,10 +65,15 @@ def record(command: TransactionCommand, key: str | None = None, request: str = "
     return CommandRecord.of(ctx(key, request), command)
 
 
-async def run_batch(conn: asyncpg.Connection | asyncpg.Pool, *records: CommandRecord) -> list[asyncpg.Record]:
+async def run_batch(
+    conn: asyncpg.Connection | asyncpg.Pool, *records: CommandRecord, lock_wait_ms: int | None = 60_000
+) -> list[asyncpg.Record]:
     """One call of tally_post_transactions, on this connection (in its transaction, if one is open):
-    (idx, outcome, body, replayed) per command, in order."""
-    return list(await conn.fetch(_POST_TRANSACTIONS, msgspec.json.encode(list(records)).decode()))
+    (idx, outcome, body, replayed) per command, in order. By default the batch waits for its wallets
+    (as the API's retry of a held wallet does), so races on a wallet's lock can be staged; with
+    ``lock_wait_ms=None`` it is a group batch, which never waits for a wallet (``wallet_locked``)."""
+    payload = msgspec.json.encode(list(records)).decode()
+    return list(await conn.fetch(_POST_TRANSACTIONS, payload, lock_wait_ms))
 
 
 async def define_asset(store: EventStore, code: str = "GOLD") -> Accepted:

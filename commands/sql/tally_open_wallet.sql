@@ -1,7 +1,7 @@
 -- OpenWallet: creates the stream `wallet:<user_id>` with its WalletOpened event, exactly once per
 -- client's Idempotency-Key. `p_command` is commands.event_store.CommandRecord as JSON:
--- {key, client, fingerprint, context, command: {user_id, metadata}}. Returns the domain outcome
--- (`accepted` or `wallet_exists`, both recorded and replayed), the response body, and whether it
+-- {key, client, fingerprint, legacy_fingerprint, context, command: {user_id, metadata}}. Returns the
+-- domain outcome (`accepted` or `wallet_exists`, both recorded and replayed), the response body, and whether it
 -- was replayed. Runs as its owner (SECURITY DEFINER): the application role may call it, and cannot
 -- write these tables itself (api/migrate.py).
 CREATE OR REPLACE FUNCTION tally_open_wallet(p_command jsonb)
@@ -25,7 +25,8 @@ DECLARE
 BEGIN
     v_prior := tally_claim_command(v_client, v_key, v_fingerprint, v_context);
     IF v_prior.command_id IS NOT NULL THEN
-        RETURN QUERY SELECT r.outcome, r.body, r.replayed FROM tally_replay(v_prior, v_client, v_fingerprint) r;
+        RETURN QUERY SELECT r.outcome, r.body, r.replayed FROM tally_replay(
+            v_prior, v_client, v_fingerprint, (p_command ->> 'legacy_fingerprint')::bytea) r;
         RETURN;
     END IF;
     INSERT INTO streams (stream_id, stream_type, version, state, last_hash, created_at, updated_at)
@@ -38,7 +39,7 @@ BEGIN
         RETURN;
     END IF;
     v_event := tally_append_event(v_stream, 1, tally_genesis_hash(), v_event_id, 'WalletOpened', v_data,
-                                  v_context, v_now);
+                                  v_context, v_now, tally_writer_xid());
     UPDATE streams SET last_hash = v_event.o_hash WHERE stream_id = v_stream;
     v_body := v_data || jsonb_build_object('version', 1, 'balances', '[]'::jsonb,
                                            'created_at', tally_timestamp_text(v_now),

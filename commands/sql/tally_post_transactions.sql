@@ -6,22 +6,24 @@
 -- that arrive while others are in flight together (commands/event_store.py).
 --
 -- `p_commands` is a JSON array of commands.event_store.CommandRecord:
--- {key, client, fingerprint, context, command: {kind, user_id, asset, amount, reference, metadata,
--- expected_version}}, read by field name (tally_transaction_commands below: adding a field touches
+-- {key, client, fingerprint, legacy_fingerprint, context, command: {kind, user_id, asset, amount,
+-- reference, metadata, expected_version}}, read by field name (tally_transaction_commands below: adding a field touches
 -- its column list and the Python that fills it). Python sends only what the caller asked: the legs
 -- come from the kind's row in the flows table (tally_legs).
 --
 -- Returns one row per command, in request order: the domain outcome (`accepted`,
 -- `insufficient_funds`, `version_mismatch`, `wallet_not_found`, `asset_not_found`,
--- `idempotency_key_reused`), the response body, and whether it was replayed.
+-- `idempotency_key_reused`, or `wallet_locked`: not decided, retry), the response body, and whether
+-- it was replayed.
 --
 -- Rules that keep a batch safe:
--- * Two passes. Pass 1, in ascending (client, key) order, claims every key (tally_claim_command), answers
---   replays and the refusals that are not recorded; pass 2, in ascending wallet order (request
---   order within one wallet), locks each wallet row, decides, appends and records. Every batch
---   takes its locks in these two orders, and a batch waiting for a key (pass 1) holds no wallet
---   lock yet, so batches cannot deadlock each other (a review found that claiming keys in wallet
---   order could). Proven by tests/integration/test_group_commit.py.
+-- * Two passes. Pass 1, in ascending (client, key) order, claims every key (tally_claim_command),
+--   answers replays and the refusals that are not recorded; pass 2, in ascending wallet order
+--   (request order within one wallet), locks each wallet row, decides, appends and records. No
+--   batch can deadlock another: pass 2 never waits for a wallet (SKIP LOCKED, below); a batch
+--   waits only for keys, in ascending order, or, given p_lock_wait_ms, for its one wallet before
+--   any key. (A review found that claiming keys in wallet order could deadlock.) Proven by
+--   tests/integration/test_group_commit.py.
 -- * The amount must be 1 to 10^15 (domain/values.py, MAX_AMOUNT) and every field the caller must
 --   give must be there: the HTTP API refuses anything else first, so a command that gets here
 --   without them is a programming error, and the whole batch is refused.
@@ -50,19 +52,21 @@
 -- so this definition is dropped and made again (nothing in the catalog depends on it).
 DROP FUNCTION IF EXISTS tally_transaction_commands(jsonb);
 CREATE FUNCTION tally_transaction_commands(p_commands jsonb)
-RETURNS TABLE (i int, key text, client uuid, fingerprint bytea, context jsonb, kind text, user_id text,
-               asset text, amount bigint, reference text, metadata jsonb, expected_version bigint)
+RETURNS TABLE (i int, key text, client uuid, fingerprint bytea, legacy_fingerprint bytea, context jsonb,
+               kind text, user_id text, asset text, amount bigint, reference text, metadata jsonb,
+               expected_version bigint)
 LANGUAGE sql STABLE AS $$
-    SELECT a.i::int, x.key, x.client, x.fingerprint,
+    SELECT a.i::int, x.key, x.client, x.fingerprint, x.legacy_fingerprint,
            x.context || jsonb_build_object('command_id', x.key, 'client_id', x.client), x.kind,
            x.user_id, x.asset, x.amount, x.reference, coalesce(x.metadata, '{}'), x.expected_version
       FROM jsonb_array_elements(p_commands) WITH ORDINALITY AS a(e, i),
            jsonb_to_record((a.e - 'command') || (a.e -> 'command')) AS x(
-               key text, client uuid, fingerprint bytea, context jsonb, kind text, user_id text, asset text,
-               amount bigint, reference text, metadata jsonb, expected_version bigint)
+               key text, client uuid, fingerprint bytea, legacy_fingerprint bytea, context jsonb, kind text,
+               user_id text, asset text, amount bigint, reference text, metadata jsonb, expected_version bigint)
 $$;
 
-CREATE OR REPLACE FUNCTION tally_post_transactions(p_commands jsonb)
+DROP FUNCTION IF EXISTS tally_post_transactions(jsonb);
+CREATE OR REPLACE FUNCTION tally_post_transactions(p_commands jsonb, p_lock_wait_ms int DEFAULT NULL)
 RETURNS TABLE (idx int, outcome text, body text, replayed boolean) LANGUAGE plpgsql
 SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
@@ -84,7 +88,8 @@ DECLARE
     v_let_go text[] := '{}';
     v_stream streams;
     v_stream_id text;
-    v_now timestamptz := now();
+    v_now timestamptz;
+    v_writer xid8;                                      -- this transaction's, once it appends
     v_balance numeric;
     v_after numeric;
     v_data jsonb;
@@ -92,6 +97,16 @@ DECLARE
     v_event_id uuid;
     v_body jsonb;
 BEGIN
+    -- A batch that may wait for its wallets (the commands of one wallet another session held,
+    -- retried) locks them first, before it claims any key, for at most p_lock_wait_ms: a retry of
+    -- one of its keys elsewhere then waits only while this batch runs, never while it waits.
+    IF p_lock_wait_ms IS NOT NULL THEN
+        PERFORM set_config('lock_timeout', p_lock_wait_ms::text || 'ms', true);
+        PERFORM 1 FROM streams
+         WHERE stream_id IN (SELECT 'wallet:' || c.user_id FROM tally_transaction_commands(p_commands) c)
+         ORDER BY stream_id COLLATE "C" FOR UPDATE;
+    END IF;
+
     -- Pass 1, in (client, key) order: replays, and the claim of every other key; refusals of
     -- unknown assets and wallets claim their key too, and let it go at the end.
     FOR r IN SELECT * FROM tally_transaction_commands(p_commands) c
@@ -109,7 +124,7 @@ BEGIN
             v_last_claim := NULL;
             v_prior := tally_claim_command(r.client, r.key, r.fingerprint, r.context);
             IF v_prior.command_id IS NOT NULL THEN  -- recorded before, or by a duplicate that just committed
-                v_replay := tally_replay(v_prior, r.client, r.fingerprint);
+                v_replay := tally_replay(v_prior, r.client, r.fingerprint, r.legacy_fingerprint);
                 o_outcome[r.i] := v_replay.outcome;
                 o_body[r.i] := v_replay.body;
                 o_replayed[r.i] := v_replay.replayed;
@@ -119,7 +134,7 @@ BEGIN
             o_first[r.i] := v_last_claim;
             CONTINUE;
         ELSIF v_prior.command_id IS NOT NULL THEN  -- a repeat of a recorded key: replays it too
-            v_replay := tally_replay(v_prior, r.client, r.fingerprint);
+            v_replay := tally_replay(v_prior, r.client, r.fingerprint, r.legacy_fingerprint);
             o_outcome[r.i] := v_replay.outcome;
             o_body[r.i] := v_replay.body;
             o_replayed[r.i] := v_replay.replayed;
@@ -163,7 +178,23 @@ BEGIN
                 USING ERRCODE = 'data_exception';
         END IF;
         v_stream_id := 'wallet:' || r.user_id;
-        SELECT * INTO STRICT v_stream FROM streams WHERE stream_id = v_stream_id FOR UPDATE;
+        -- A batch never waits for a wallet another transaction holds (an operator's session, a
+        -- batch of another API process): it would hold up every other command in it. The
+        -- command is refused as `wallet_locked` (its key let go, nothing recorded), and the API
+        -- retries it alone, waiting for that wallet with a bound (p_lock_wait_ms, above).
+        -- Proven by tests/integration/test_faults.py (a wallet row locked by another session).
+        SELECT * INTO v_stream FROM streams WHERE stream_id = v_stream_id FOR UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN  -- the wallet exists (pass 1) and streams are never removed: it is held
+            o_outcome[r.i] := 'wallet_locked';
+            o_body[r.i] := tally_rejection('wallet_locked',
+                format('wallet %s is locked by another transaction', r.user_id))::text;
+            v_let_go_client := v_let_go_client || r.client;
+            v_let_go := v_let_go || r.key;
+            CONTINUE;
+        END IF;
+        -- Recorded after the wallet's lock, and never before the wallet's previous event: every
+        -- "as of a time" cut of one wallet is a state it was in (projections/as_of.py).
+        v_now := greatest(clock_timestamp(), v_stream.updated_at);
         v_event_id := NULL;
         v_balance := coalesce((v_stream.state -> 'balances' ->> r.asset)::numeric, 0);
         v_after := v_balance + (r.flow).user_sign * r.amount;
@@ -185,8 +216,9 @@ BEGIN
                 'transaction_id', v_event_id, 'kind', r.kind, 'user_id', r.user_id, 'asset', r.asset,
                 'amount', r.amount, 'entries', tally_legs(r.flow, r.user_id, r.amount), 'reference', r.reference,
                 'metadata', r.metadata, 'balance_after', v_after);
+            v_writer := coalesce(v_writer, tally_writer_xid());
             v_event := tally_append_event(v_stream_id, v_stream.version + 1, v_stream.last_hash, v_event_id,
-                                          (r.flow).event_type, v_data, r.context, v_now);
+                                          (r.flow).event_type, v_data, r.context, v_now, v_writer);
             UPDATE streams
                SET version = v_stream.version + 1,
                    state = jsonb_set(v_stream.state, ARRAY['balances', r.asset], to_jsonb(v_after)),

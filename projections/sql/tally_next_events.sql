@@ -1,5 +1,5 @@
 -- The next events a projection may apply: only those whose writing transaction has finished
--- (writer_xid below the xmin of the current snapshot), in (writer_xid, global_position) order,
+-- (writer_xid below the xmin of the current snapshot, commands/sql/tally_writer_xid.sql), in (writer_xid, global_position) order,
 -- after a two-part checkpoint. Reading by global_position alone would skip, forever, an event whose
 -- transaction commits after a later-numbered one was read: positions are drawn at insert, not at
 -- commit. Proven by tests/integration/test_projector.py.
@@ -13,7 +13,7 @@ CREATE OR REPLACE FUNCTION tally_next_events(p_after_xid xid8, p_after_position 
 RETURNS SETOF events LANGUAGE sql STABLE AS $$
     SELECT *
       FROM events
-     WHERE writer_xid < pg_snapshot_xmin(pg_current_snapshot())
+     WHERE writer_xid < tally_finished_below()
        AND (writer_xid, global_position) > (p_after_xid, p_after_position)
      ORDER BY writer_xid, global_position
      LIMIT p_limit

@@ -133,7 +133,7 @@ async def test_open_routes_and_details_for_metrics_readers(client: Client, pool:
     assert ready.json() == {"status": "ready"}
     reader = bearer(await make_key(pool, ["metrics:read"]))
     detailed = (await client.get("/health/ready", headers=reader)).json()
-    assert detailed["checks"]["database"]["status"] == "ok"
+    assert detailed["checks"]["commands"]["status"] == "ok"
     assert (await client.get("/docs/openapi.json", headers=anonymous)).status_code == 200
     assert (await client.get("/metrics", headers=anonymous)).status_code == 401
     assert (await client.get("/metrics", headers=reader)).status_code == 200

@@ -7,8 +7,10 @@ before: a wallet's balances, version, ETag and history, the assets, and the syst
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.api.support import (
@@ -25,6 +27,8 @@ from tests.api.support import (
     sync_token,
     top_up,
 )
+from tests.conftest import LiveServer
+from tests.helpers import AUTH
 
 FLOWS = ("top-ups", "bonuses", "spends")
 
@@ -58,6 +62,16 @@ BAD_MOVE_BODIES: dict[str, dict[str, Any]] = {
         "a string": b'"GOLD"',
         "JSON null": b"null",
         "trailing garbage": b'{"asset": "GOLD", "amount": 100} x',
+        "a repeated key (the last would win)": b'{"asset": "GOLD", "amount": 1, "amount": 50}',
+        "a repeated metadata key": b'{"asset": "GOLD", "amount": 1, "metadata": {"a": "1", "a": "2"}}',
+        "nesting deeper than any parser's stack": b'{"asset": "GOLD", "amount": 1, "metadata": '
+        + b"[" * 20_000
+        + b"]" * 20_000
+        + b"}",
+        "a lone surrogate": b'{"asset": "GOLD", "amount": 1, "metadata": {"a": "\\ud800"}}',
+        "a lone surrogate in a key": b'{"asset": "GOLD", "amount": 1, "metadata": {"\\udfff": "a"}}',
+        "bytes that are not UTF-8": b'{"asset": "GOLD", "amount": 1, "reference": "\xff"}',
+        "a byte-order mark": b'\xef\xbb\xbf{"asset": "GOLD", "amount": 1}',
     },
     "amount": {
         "amount as string": _move(amount="100"),
@@ -211,6 +225,29 @@ async def test_invalid_define_asset_bodies_are_refused_and_change_nothing(funded
         response = await post(client, "/v1/assets", **_send(body))
         refusals.check(case, response, 400, "invalid_request")
     refusals.assert_none()
+    assert await ledger_state(client, "alice") == before
+
+
+async def test_a_body_over_the_limit_is_refused_before_it_is_read(
+    funded: Client, live_server: LiveServer
+) -> None:
+    """64 KiB by default: 413 payload_too_large, whether or not the client declared the length."""
+    client = funded
+    before = await ledger_state(client, "alice")
+    padding = "x" * (64 * 1024)
+    body = b'{"asset": "GOLD", "amount": 1, "reference": "' + padding.encode() + b'"}'
+    response = await post(client, "/v1/wallets/alice/top-ups", raw=body)
+    assert_problem(response, 413, "payload_too_large")
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: enforced while reading
+        yield body[:1000]
+        yield body[1000:]
+
+    headers = {**AUTH, "Idempotency-Key": uuid.uuid4().hex, "Content-Type": "application/json"}
+    async with httpx.AsyncClient(base_url=live_server.url) as http:
+        response = await http.post("/v1/wallets/alice/top-ups", content=chunks(), headers=headers)
+    assert "content-length" not in response.request.headers
+    assert_problem(response, 413, "payload_too_large")
     assert await ledger_state(client, "alice") == before
 
 
@@ -396,6 +433,7 @@ async def test_a_wrong_method_is_a_problem(funded: Client) -> None:
     assert response.headers["content-type"].startswith("application/problem+json")
     assert_no_traceback(response)
     assert response.json()["status"] == 405
+    assert set(response.headers["allow"].replace(" ", "").split(",")) >= {"GET"}  # RFC 9110 §15.5.6
 
 
 # --- conflicts -------------------------------------------------------------------------------
@@ -481,3 +519,18 @@ async def test_a_malformed_user_id_in_the_path_is_refused(funded: Client) -> Non
             refusals.check(f"{flow} {user_id}", response, 400, "invalid_request")
     refusals.assert_none()
     assert await ledger_state(client, "alice") == before
+
+
+async def test_as_of_at_the_ends_of_time_is_answered(funded: Client) -> None:
+    """Times whose UTC is outside the calendar (year 0, year 10000) mean before and after the ledger."""
+    client = funded
+    for before_anything in ("0001-01-01T00:00:00+14:00", "0001-01-01T00:00:00", "0"):
+        response = await get(client, "/v1/wallets/alice", as_of=before_anything)
+        assert_problem(response, 404, "wallet_not_found")
+    for after_everything in ("9999-12-31T23:59:59-14:00", "9999-12-31T23:59:59.999999", str(2**63 - 1)):
+        response = await get(client, "/v1/wallets/alice", as_of=after_everything)
+        assert response.status_code == 200, response.text
+        assert response.json()["balances"] == [{"asset": "GOLD", "balance": 1000}]
+    for nonsense in (str(2**63), "-1", "1e3", "\u0661", "2024-13-01", "now"):
+        response = await get(client, "/v1/wallets/alice", as_of=nonsense)
+        assert_problem(response, 400, "invalid_request")

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
+from api.dto import MoveCreditsRequest
+from commands import CommandContext, EventStore
+from domain import TopUpCredits
 from tests.api.support import (
     Client,
     Refusals,
@@ -19,6 +24,7 @@ from tests.api.support import (
     post,
     top_up,
 )
+from tests.helpers import TEST_CLIENT, TEST_CLIENT_ID
 
 
 def assert_replay(first: Any, again: Any) -> None:
@@ -64,6 +70,52 @@ async def test_a_retry_with_keys_in_another_order_is_the_same_request(client: Cl
     created(first)
     again = await post(client, "/v1/wallets/alice/top-ups", raw=b'{"amount":5,"asset":"GOLD"}', key=key)
     assert_replay(first, again)
+    assert await balance_of(client, "alice") == 1005
+
+
+async def test_a_retry_with_metadata_keys_in_another_order_is_the_same_request(client: Client) -> None:
+    await _funded(client)
+    key = new_key()
+    first_body = b'{"asset": "GOLD", "amount": 5, "metadata": {"a": "1", "b": "2"}}'
+    first = await post(client, "/v1/wallets/alice/top-ups", raw=first_body, key=key)
+    created(first)
+    again_body = b'{"metadata": {"b": "2", "a": "1"}, "amount": 5, "asset": "GOLD"}'
+    again = await post(client, "/v1/wallets/alice/top-ups", raw=again_body, key=key)
+    assert_replay(first, again)
+    other = await post(
+        client,
+        "/v1/wallets/alice/top-ups",
+        raw=b'{"asset": "GOLD", "amount": 5, "metadata": {"a": "1"}}',
+        key=key,
+    )
+    assert other.status_code == 422
+    assert await balance_of(client, "alice") == 1005
+
+
+async def test_a_key_recorded_before_fingerprints_sorted_keys_keeps_replaying(
+    client: Client, store: EventStore
+) -> None:
+    """Earlier releases hashed the body with its objects' keys in the order sent: a command they
+    recorded replays its retry (sent as before) all the same."""
+    await _funded(client)
+    path = "/v1/wallets/alice/top-ups"
+    body = MoveCreditsRequest(asset="GOLD", amount=5, metadata={"b": "2", "a": "1"})
+    key = new_key()
+    as_before = CommandContext(
+        command_id=key,
+        client_id=TEST_CLIENT_ID,
+        created_by=TEST_CLIENT,
+        fingerprint=CommandContext.fingerprint_of("POST", path, msgspec.json.encode(body), ""),
+    )
+    recorded = await store.post_transaction(
+        as_before, TopUpCredits(user_id="alice", **msgspec.structs.asdict(body))
+    )
+    again = await post(
+        client, path, raw=b'{"asset": "GOLD", "amount": 5, "metadata": {"b": "2", "a": "1"}}', key=key
+    )
+    assert again.status_code == 201
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json() == msgspec.json.decode(recorded.body)
     assert await balance_of(client, "alice") == 1005
 
 

@@ -42,14 +42,19 @@ async def test_liveness_and_readiness(client: Client) -> None:
     body = ready.json()
     assert body["status"] == "ready"
     assert set(body["checks"]) == {
-        "database",
+        "commands",
         "projection:wallets",
         "projection:history",
         "projection:system",
     }
 
 
-async def test_readiness_names_a_stopped_projection(client: Client, db_url: str) -> None:
+async def test_a_stopped_projection_is_reported_and_leaves_the_process_in_rotation(
+    client: Client, db_url: str
+) -> None:
+    """A read-side fault must not take writes out of rotation (the platform routes, and restarts,
+    on /health/ready): the check stays 200 and names the stopped projection."""
+    await _ledger(client)
     conn = await asyncpg.connect(db_url)
     try:
         await conn.execute(
@@ -59,11 +64,15 @@ async def test_readiness_names_a_stopped_projection(client: Client, db_url: str)
     finally:
         await conn.close()
     ready = await client.get("/health/ready")
-    assert ready.status_code == 503
+    assert ready.status_code == 200
     checks = ready.json()["checks"]
     assert checks["projection:history"]["status"] == "failing"
     assert "position 7" in checks["projection:history"]["detail"]
-    assert checks["database"]["status"] == "ok"
+    assert checks["commands"]["status"] == "ok"
+    spent = await client.post(
+        "/v1/wallets/ann/spends", json={"asset": "GOLD", "amount": 1}, headers={"Idempotency-Key": "after"}
+    )
+    assert spent.status_code == 201
     metrics = (await client.get("/metrics")).text
     assert 'tally_projection_stopped{projection="history"} 1.0' in metrics
 

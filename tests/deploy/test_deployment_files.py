@@ -74,6 +74,8 @@ def test_compose_stack_is_complete_and_ordered() -> None:
     services = COMPOSE["services"]
     assert set(services) == {"db", "migrate", "seed", "api", "projector"}
     assert "healthcheck" in services["db"]
+    # The API is healthy when it can take commands (readiness), whatever the projections do.
+    assert "/health/ready" in " ".join(services["api"]["healthcheck"]["test"])
     assert "pgdata" in COMPOSE["volumes"]
     assert services["migrate"]["depends_on"]["db"]["condition"] == "service_healthy"
     assert services["seed"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"

@@ -37,7 +37,7 @@ REFUSED = [
     "UPDATE client_secrets SET expires_at = NULL",
     # An internal function, called directly, runs with the caller's rights: refused at its INSERT.
     "SELECT tally_append_event('wallet:x', 1, sha256(''), gen_random_uuid(), 'WalletOpened', '{}', '{}', "
-    "now())",
+    "now(), pg_current_xact_id())",
 ]
 
 
@@ -138,7 +138,7 @@ async def test_migrate_creates_the_app_role_with_its_password(db_url: str) -> No
         assert done.app_role == "created"
         assert await conn.fetchval("SELECT rolpassword IS NOT NULL FROM pg_authid WHERE rolname = $1", role)
         assert await conn.fetchval(
-            "SELECT has_function_privilege($1, 'tally_post_transactions(jsonb)', 'EXECUTE')", role
+            "SELECT has_function_privilege($1, 'tally_post_transactions(jsonb, integer)', 'EXECUTE')", role
         )
         assert not await conn.fetchval("SELECT has_table_privilege($1, 'events', 'UPDATE')", role)
         again = await migrate(conn, app_role=role)

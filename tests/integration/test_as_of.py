@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 from litestar.testing import AsyncTestClient
 
+from domain import TopUpCredits
 from projections.as_of import Moment, balances_as_of
-from tests.helpers import define_asset, open_wallet, spend, top_up
+from tests.helpers import (
+    define_asset,
+    holding_wallet,
+    lock_waits,
+    open_wallet,
+    record,
+    run_batch,
+    spend,
+    top_up,
+)
+
+# When the transaction waiting behind ``holder`` began.
+_WAITER_STARTED = """
+SELECT xact_start FROM pg_stat_activity
+ WHERE datname = current_database() AND $1::int = ANY (pg_blocking_pids(pid))
+"""
+_STEP_BACK = """
+UPDATE streams SET updated_at = clock_timestamp() + interval '1 hour' WHERE stream_id = 'wallet:ann'
+RETURNING updated_at
+"""
 
 
 async def test_balances_as_of_a_position_and_a_time(pool: asyncpg.Pool) -> None:
@@ -64,3 +86,42 @@ async def test_api_wallet_as_of(client: AsyncTestClient) -> None:  # type: ignor
     assert before_it_existed.json()["code"] == "wallet_not_found"
     bad = await client.get("/v1/wallets/ann", params={"as_of": "yesterday"})
     assert (bad.status_code, bad.json()["code"]) == (400, "invalid_request")
+
+
+async def test_an_event_is_timed_after_its_wallets_lock_and_never_before_its_predecessor(
+    pool: asyncpg.Pool,
+) -> None:
+    """A batch that waited for the wallet records the time it got it, not the time it started: the
+    holder's release is seen before the time is taken. And a wallet whose previous event carries a
+    later time (a clock stepped back) gets no earlier time: within a stream, times never run
+    backwards, so every "as of a time" cut of a wallet is a state it was in."""
+    from commands import EventStore
+
+    store = EventStore(pool)
+    await define_asset(store)
+    await open_wallet(store, "ann")
+    async with holding_wallet(pool, "ann") as holder:
+        waiting = asyncio.create_task(
+            run_batch(pool, record(TopUpCredits(user_id="ann", asset="GOLD", amount=5)), lock_wait_ms=30_000)
+        )
+        await lock_waits(pool, lambda waits: any(holder in w["blockers"] for w in waits))
+        started_waiting = await pool.fetchval(
+            "SELECT min(xact_start) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        )
+        released_after = await pool.fetchval("SELECT clock_timestamp()")
+    [row] = await asyncio.wait_for(waiting, 30)
+    assert row["outcome"] == "accepted"
+    recorded = await pool.fetchval("SELECT max(recorded_at) FROM events WHERE stream_id = 'wallet:ann'")
+    assert started_waiting < released_after < recorded
+
+    # A previous event in the future (as a clock stepped back would leave it): the next is no earlier.
+    future = await pool.fetchval(_STEP_BACK)
+    await top_up(store, "ann", 1)
+    times = [
+        r["recorded_at"]
+        for r in await pool.fetch(
+            "SELECT recorded_at FROM events WHERE stream_id = 'wallet:ann' ORDER BY stream_version"
+        )
+    ]
+    assert times == sorted(times)
+    assert times[-1] >= future

@@ -24,7 +24,7 @@ WITH s AS (SELECT * FROM streams WHERE stream_id = 'wallet:' || $1 FOR UPDATE),
                 s.stream_id, s.version + 1, s.last_hash, gen_random_uuid(), 'WalletFrozen',
                 jsonb_build_object('user_id', $1, 'reason', 'chargeback'),
                 jsonb_build_object('command_id', 'freeze-1', 'client_id', $2::text, 'created_by', $3::text),
-                now()) a),
+                now(), tally_writer_xid()) a),
      moved AS (UPDATE streams SET version = streams.version + 1, last_hash = e.o_hash FROM e
                 WHERE stream_id = 'wallet:' || $1)
 SELECT e.o_token FROM e

@@ -135,29 +135,68 @@ async def test_batch_size_does_not_change_outcomes(pool: asyncpg.Pool, max_batch
 
 async def test_a_retried_key_racing_its_own_batch_does_not_deadlock(pool: asyncpg.Pool) -> None:
     """Found in review: batch A = [K1, K2] holds the wallet while a retry of K2 (batch B) claims K2
-    and waits for the wallet: a cycle, when keys were claimed in wallet order. Keys are now all
-    claimed (pass 1) before any wallet is locked (pass 2). Staged for real: the wallet is held
-    until A is seen waiting for it with both keys taken, and B is seen waiting for A's key."""
+    and waits for the wallet: a cycle, when keys were claimed in wallet order. Now a batch that
+    waits for a wallet (A, retrying a held wallet) takes it before any key, and a group batch (B)
+    never waits for a wallet. Staged for real: A is seen waiting for the wallet's holder; B then
+    runs to its end while A waits, holding no key of A's, and leaves K2 free."""
     setup = EventStore(pool)
     await define_asset(setup)
     await open_wallet(setup, "alice")
     k1 = record(TopUpCredits(user_id="alice", asset="GOLD", amount=10), "K1")
     k2 = record(TopUpCredits(user_id="alice", asset="GOLD", amount=20), "K2")
 
-    async def batch(*records: object) -> list[asyncpg.Record]:
+    async def batch(*records: object, lock_wait_ms: int | None) -> list[asyncpg.Record]:
         async with pool.acquire() as conn:
-            return await run_batch(conn, *records)  # type: ignore[arg-type]
+            return await run_batch(conn, *records, lock_wait_ms=lock_wait_ms)  # type: ignore[arg-type]
 
     async with holding_wallet(pool, "alice") as holder:
-        a = asyncio.create_task(batch(k1, k2))
-        [a_wait] = await lock_waits(pool, lambda w: any(x["blockers"] == [holder] for x in w))
-        b = asyncio.create_task(batch(k2))
-        await lock_waits(pool, lambda w: any(x["blockers"] == [a_wait["pid"]] for x in w))
-    rows_a, rows_b = await asyncio.wait_for(asyncio.gather(a, b), 30)  # a deadlock would raise in one
+        a = asyncio.create_task(batch(k1, k2, lock_wait_ms=30_000))
+        await lock_waits(pool, lambda w: any(x["blockers"] == [holder] for x in w))
+        rows_b = await asyncio.wait_for(batch(k2, lock_wait_ms=None), 30)
+        assert [(r["outcome"], r["replayed"]) for r in rows_b] == [("wallet_locked", False)]
+        assert not a.done()
+    rows_a = await asyncio.wait_for(a, 30)
     assert [(r["outcome"], r["replayed"]) for r in rows_a] == [("accepted", False), ("accepted", False)]
-    assert [(r["outcome"], r["replayed"]) for r in rows_b] == [("accepted", True)]
-    assert rows_b[0]["body"] == rows_a[1]["body"]
+    [again] = await run_batch(pool, k2, lock_wait_ms=None)  # the retry, later: a replay
+    assert (again["outcome"], again["replayed"], again["body"]) == ("accepted", True, rows_a[1]["body"])
     assert await stream_balance(pool, "alice") == 30
+
+
+async def test_a_group_batch_leaves_a_held_wallet_and_decides_the_rest(pool: asyncpg.Pool) -> None:
+    """A wallet another session holds (an operator's SELECT … FOR UPDATE) is not waited for: its
+    commands come back `wallet_locked` with nothing recorded and their keys free (a repeat of one
+    in the batch too), while the batch's other commands are decided and committed."""
+    setup = EventStore(pool)
+    await define_asset(setup)
+    for user in ("held", "free"):
+        await open_wallet(setup, user)
+    held = record(TopUpCredits(user_id="held", asset="GOLD", amount=5), "H")
+    free = record(TopUpCredits(user_id="free", asset="GOLD", amount=7), "F")
+    async with holding_wallet(pool, "held"):
+        rows = await asyncio.wait_for(run_batch(pool, held, free, held, lock_wait_ms=None), 30)
+        assert [(r["outcome"], r["replayed"]) for r in rows] == [
+            ("wallet_locked", False),
+            ("accepted", False),
+            ("wallet_locked", True),
+        ]
+        assert await pool.fetchval("SELECT count(*) FROM commands WHERE command_id = 'H'") == 0
+        assert await stream_balance(pool, "free") == 7
+    [later] = await run_batch(pool, held, lock_wait_ms=None)
+    assert (later["outcome"], later["replayed"]) == ("accepted", False)
+    assert await stream_balance(pool, "held") == 5
+
+
+async def test_a_batch_waiting_for_a_held_wallet_gives_up_after_its_lock_wait(pool: asyncpg.Pool) -> None:
+    setup = EventStore(pool)
+    await define_asset(setup)
+    await open_wallet(setup, "held")
+    held = record(TopUpCredits(user_id="held", asset="GOLD", amount=5), "H")
+    async with holding_wallet(pool, "held"):
+        with pytest.raises(asyncpg.LockNotAvailableError):
+            await asyncio.wait_for(run_batch(pool, held, lock_wait_ms=200), 30)
+    assert await pool.fetchval("SELECT count(*) FROM commands WHERE command_id = 'H'") == 0
+    [later] = await run_batch(pool, held, lock_wait_ms=200)
+    assert (later["outcome"], later["replayed"]) == ("accepted", False)
 
 
 async def test_a_repeated_key_within_one_batch_replays_its_first_occurrence(pool: asyncpg.Pool) -> None:
@@ -184,7 +223,7 @@ async def test_a_kind_that_is_no_flow_is_refused(pool: asyncpg.Pool) -> None:
     forged = msgspec.to_builtins(record(TopUpCredits(user_id="alice", asset="GOLD", amount=5), "F"))
     forged["command"]["kind"] = "gift"
     with pytest.raises(asyncpg.DataError, match="unknown kind gift"):
-        await pool.fetch(_POST_TRANSACTIONS, json.dumps([forged]))
+        await pool.fetch(_POST_TRANSACTIONS, json.dumps([forged]), None)
     assert await stream_balance(pool, "alice") == 0
     assert await pool.fetchval("SELECT count(*) FROM commands WHERE command_id = 'F'") == 0
 

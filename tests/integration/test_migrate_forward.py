@@ -108,7 +108,11 @@ async def test_a_database_built_by_the_first_five_migrations_migrates_forward(db
             "SELECT command_id, status, response::text AS response FROM commands")}  # fmt: skip
 
         migrated = await migrate(conn)
-        assert migrated.migrations == ["0006_typed_events_domain_outcomes.sql", "0007_clients.sql"]
+        assert migrated.migrations == [
+            "0006_typed_events_domain_outcomes.sql",
+            "0007_clients.sql",
+            "0008_bounded_reads.sql",
+        ]
         assert migrated.flows == ["bonus", "spend", "top_up"]
 
         # Every stored outcome is a domain outcome now; every stored response is untouched.
@@ -229,6 +233,7 @@ async def test_the_baseline_builds_what_the_history_built(db_url: str, admin_url
             done = await migrate(fresh)
             assert done.migrations == [
                 "0005_baseline.sql", "0006_typed_events_domain_outcomes.sql", "0007_clients.sql",
+                "0008_bounded_reads.sql",
             ]  # fmt: skip
         finally:
             await fresh.close()

@@ -1,0 +1,60 @@
+-- The order the projections read events in is (writer_xid, global_position), with writer_xid the
+-- writing transaction's id plus this database's offset (writer_xid_offset). These functions are
+-- the only places that turn transaction ids into writer_xids and back; with the offset at 0 (every
+-- database that was never restored) they are the plain ids.
+--
+-- A logical restore (pg_dump, or a move by logical replication) keeps the events' writer_xids but
+-- not the cluster's transaction counter, which may be far behind them. Then:
+-- * tally_history_ahead() is true: some event's writer_xid is at or past the next id this cluster
+--   will assign (impossible in one history, where every visible writer finished before it);
+-- * tally_writer_xid() refuses to write (55000, object not in prerequisite state: the API answers
+--   503), since its events would sort before the projections' checkpoints and never be read;
+-- * the projections report it (projections/status.py), and `tally migrate` repairs it
+--   (tally_rebase_writer_xids, below) before anything is written.
+-- Proven by tests/integration/test_restore.py, with pg_dump and pg_restore between two clusters.
+
+CREATE OR REPLACE FUNCTION tally_xid_offset() RETURNS bigint LANGUAGE sql STABLE AS $$
+    SELECT offset_by FROM writer_xid_offset
+$$;
+
+-- The writer_xid every event of the calling transaction carries.
+CREATE OR REPLACE FUNCTION tally_writer_xid() RETURNS xid8 LANGUAGE plpgsql AS $$
+DECLARE
+    v_offset bigint := tally_xid_offset();
+BEGIN
+    IF tally_history_ahead() THEN
+        RAISE EXCEPTION 'this database''s transaction ids are behind the ids its events carry (was it '
+                        'restored from another cluster?): run `tally migrate` before writing'
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    RETURN (pg_current_xact_id()::text::bigint + v_offset)::text::xid8;
+END $$;
+
+-- Events whose writer_xid is below this were written by transactions that have finished (the
+-- xmin of the current snapshot, offset): what a projection may read.
+CREATE OR REPLACE FUNCTION tally_finished_below() RETURNS xid8 LANGUAGE sql STABLE AS $$
+    SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::bigint + tally_xid_offset())::text::xid8
+$$;
+
+-- True when some event carries a writer_xid this cluster could not have given it yet. One probe
+-- of the events' commit-order index.
+CREATE OR REPLACE FUNCTION tally_history_ahead() RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT coalesce(
+        (SELECT max(writer_xid) FROM events)
+            >= (pg_snapshot_xmax(pg_current_snapshot())::text::bigint + tally_xid_offset())::text::xid8,
+        false)
+$$;
+
+-- Run by `tally migrate` (as the owner, under its lock): raises the offset past every writer_xid
+-- in the events when the history is ahead of this cluster. Returns the offset before and after.
+CREATE OR REPLACE FUNCTION tally_rebase_writer_xids(OUT offset_before bigint, OUT offset_after bigint)
+LANGUAGE plpgsql AS $$
+BEGIN
+    SELECT offset_by INTO STRICT offset_before FROM writer_xid_offset FOR UPDATE;
+    offset_after := offset_before;
+    IF tally_history_ahead() THEN
+        offset_after := (SELECT max(writer_xid)::text::bigint FROM events)
+                        - pg_snapshot_xmax(pg_current_snapshot())::text::bigint + 1;
+        UPDATE writer_xid_offset SET offset_by = offset_after, changed_at = now();
+    END IF;
+END $$;
