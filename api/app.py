@@ -108,7 +108,7 @@ def create_app(settings: Settings, *, run_projector: bool = False) -> Litestar:
             app.state.pool = pool
             app.state.reads = reads
             app.state.control = control
-            app.state.authenticator = Authenticator(control)
+            app.state.authenticator = Authenticator(control, timeout=settings.read_timeout)
             app.state.store = EventStore(
                 pool,
                 on_append=waker.poke,
@@ -155,12 +155,13 @@ def create_app(settings: Settings, *, run_projector: bool = False) -> Litestar:
             ),
         ],
         middleware=[
-            # First: a query waits for its turn before anything else is done for it (api/ratelimit.py).
-            read_limit_middleware,
             request_id_middleware,
             prometheus.middleware,
             # Health checks (opt exclude_from_auth) are open; so are the docs unless configured not.
             DefineMiddleware(BearerAuthentication, exclude=["^/docs"] if settings.docs_public else None),
+            # A query with a valid key waits for its turn here (api/ratelimit.py): requests without
+            # one never take a turn from those with.
+            read_limit_middleware,
         ],
         guards=[require_scope],
         lifespan=[lifespan],

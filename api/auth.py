@@ -16,6 +16,7 @@ expiry is checked on every request.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import re
@@ -27,6 +28,7 @@ from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware.authentication import AbstractAuthenticationMiddleware, AuthenticationResult
 
+from commands.errors import Overloaded
 from projections.reader import Reader
 
 ADMIN: Final = "admin"
@@ -99,9 +101,17 @@ class Principal:
 class Authenticator:
     """Resolves ``Authorization: Bearer <secret>`` to a Principal, with a short per-process cache."""
 
-    def __init__(self, pool: Reader, *, cache_seconds: float = CACHE_SECONDS) -> None:
+    def __init__(
+        self, pool: Reader, *, cache_seconds: float = CACHE_SECONDS, timeout: float = 5.0, lookups: int = 2
+    ) -> None:
         self._pool = pool
         self._cache_seconds = cache_seconds
+        # Lookups of secrets not in the cache share a few connections, at most ``lookups`` at once
+        # (waiting at most ``timeout``: then Overloaded), and one lookup per secret: a flood of
+        # made-up keys cannot take the connections commands need.
+        self._timeout = timeout
+        self._lookups = asyncio.Semaphore(lookups)
+        self._resolving: dict[bytes, asyncio.Task[Principal | None]] = {}
         # Known secrets, and (apart, so a flood of unknown ones cannot evict them) unknown ones.
         self._known: dict[bytes, tuple[float, Principal]] = {}
         self._unknown: dict[bytes, float] = {}
@@ -130,7 +140,25 @@ class Authenticator:
         unknown = self._unknown.get(digest)
         if unknown is not None and now - unknown < self._cache_seconds:
             return None
-        row = await self._pool.fetchrow(_LOOKUP, secret_id)
+        # One lookup per secret at a time, in a task of its own: every request with that secret
+        # awaits it, and none of them cancelling (a caller going away) cancels it for the others.
+        lookup = self._resolving.get(digest)
+        if lookup is None:
+            lookup = asyncio.create_task(self._lookup(secret_id, digest, now))
+            self._resolving[digest] = lookup
+            lookup.add_done_callback(lambda _: self._resolving.pop(digest, None))
+        return await asyncio.shield(lookup)
+
+    async def _lookup(self, secret_id: str, digest: bytes, now: float) -> Principal | None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._lookups.acquire()
+        except TimeoutError:
+            raise Overloaded(f"key checks stayed busy for {self._timeout:g} s") from None
+        try:
+            row = await self._pool.fetchrow(_LOOKUP, secret_id)
+        finally:
+            self._lookups.release()
         principal = None
         if row is not None and hmac.compare_digest(bytes(row["secret_hash"]), digest) and not row["revoked"]:
             principal = Principal(

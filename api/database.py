@@ -21,7 +21,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import asyncpg
 
 from api.settings import Settings
-from commands.errors import Overloaded
+from commands.errors import Overloaded, close_broken
 
 log = logging.getLogger("tally.database")
 
@@ -240,6 +240,9 @@ class BoundedPool:
             ) from None
         try:
             yield conn
+        except BaseException as exc:
+            close_broken(conn, exc)
+            raise
         finally:
             await self.pool.release(conn)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import asyncpg
@@ -67,7 +68,21 @@ def _projection_check(status: ProjectionStatus, max_lag: float) -> CheckStatus:
     )
 
 
+_READY_CACHE_SECONDS = 1.0
+
+
 async def _command_path(state: State) -> CheckStatus:
+    """The readiness check, run at most once a second per process however often it is asked (it
+    is open to anyone: a flood of it must not cost the commands' pool more than one connection)."""
+    cached: tuple[float, asyncio.Task[CheckStatus]] | None = state.get("ready_check")
+    now = time.monotonic()
+    if cached is None or (cached[1].done() and now - cached[0] > _READY_CACHE_SECONDS):
+        cached = (now, asyncio.create_task(_check_command_path(state)))
+        state.ready_check = cached
+    return await asyncio.shield(cached[1])
+
+
+async def _check_command_path(state: State) -> CheckStatus:
     """Whether this process can take a command now: a connection of the commands' pool comes in
     time and the database answers on it, and the queue has room."""
     control: BoundedPool = state.control

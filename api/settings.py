@@ -192,6 +192,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError("TALLY_POOL_MIN_SIZE must not exceed TALLY_POOL_MAX_SIZE")
     if settings.lock_timeout >= settings.command_timeout:
         raise SettingsError("TALLY_LOCK_TIMEOUT must be shorter than TALLY_COMMAND_TIMEOUT")
-    if settings.command_concurrency >= settings.pool_max_size:
-        raise SettingsError("TALLY_COMMAND_CONCURRENCY must be less than TALLY_POOL_MAX_SIZE")
+    if 2 * settings.command_concurrency + 2 > settings.pool_max_size:
+        # Group batches and the retries of held wallets, up to TALLY_COMMAND_CONCURRENCY each, and
+        # two more for key checks, readiness and single commands.
+        raise SettingsError("TALLY_POOL_MAX_SIZE must be at least twice TALLY_COMMAND_CONCURRENCY, plus 2")
     return settings

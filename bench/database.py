@@ -52,7 +52,7 @@ SELECT count(*) FILTER (WHERE o.outcome = 'accepted')::int
   FROM jsonb_array_elements($1::jsonb) AS a(record), LATERAL tally_open_wallet(a.record) AS o
 """
 _TOP_UP_WALLETS = (
-    "SELECT count(*) FILTER (WHERE outcome = 'accepted')::int FROM tally_post_transactions($1::jsonb)"
+    "SELECT count(*) FILTER (WHERE outcome = 'accepted')::int FROM tally_post_transactions($1::jsonb, 60000)"
 )
 _LAST_EVENT = "SELECT writer_xid::text::bigint, global_position FROM events ORDER BY 1 DESC, 2 DESC LIMIT 1"
 _CHECKPOINTS = "SELECT last_xid::text::bigint, last_position FROM projection_checkpoints"

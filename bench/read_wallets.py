@@ -55,7 +55,8 @@ PROJECT_BATCH: Final = 5000
 PROGRESS_EVERY_S: Final = 15.0
 
 _ACCEPTED = "accepted"
-_POST = "SELECT outcome, replayed FROM tally_post_transactions($1::jsonb)"
+# Waits for the wallet (60 s at most) rather than come back wallet_locked.
+_POST = "SELECT outcome, replayed FROM tally_post_transactions($1::jsonb, 60000)"
 _OPEN = "SELECT outcome FROM tally_open_wallet($1::jsonb)"
 _DEFINE = "SELECT outcome FROM tally_define_asset($1::jsonb)"
 _VERSION = "SELECT version FROM streams WHERE stream_id = $1"

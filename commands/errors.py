@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
+import asyncpg.exceptions._base as asyncpg_base
 
 
 class Unavailable(Exception):
@@ -39,12 +40,27 @@ class Overloaded(Exception):
 # timeout (57), system errors (58). Anything else is what a bug or a bad event looks like.
 _TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "55", "57", "58"})
 LOCK_NOT_AVAILABLE = "55P03"
+_CLIENT_MISTAKES = (
+    asyncpg_base.DataError,
+    asyncpg_base.ClientConfigurationError,
+    asyncpg_base.UnsupportedClientFeatureError,
+)
 
 
 def is_transient(exc: BaseException) -> bool:
     """True for errors worth retrying later (the database was away, slow or busy); False for
     errors that would happen again."""
-    if isinstance(exc, OSError | asyncpg.InterfaceError | TimeoutError | asyncio.TimeoutError):
+    # asyncpg's InterfaceError says mostly that a connection is gone ("connection is closed"), but
+    # its subclasses also cover the client's own mistakes (an argument that does not fit its
+    # parameter, a misconfiguration, an unsupported feature): those are bugs, not an absence.
+    if isinstance(exc, _CLIENT_MISTAKES):
+        return False
+    # InternalClientError ("cannot switch to state …; another operation is in progress") is what a
+    # pooled connection left mid-protocol by a server going away answers (seen restarting one under
+    # load, tests/integration/test_faults.py): that connection is closed, not reused (close_broken).
+    if isinstance(exc, OSError | TimeoutError | asyncio.TimeoutError | asyncpg.InterfaceError):
+        return True
+    if isinstance(exc, asyncpg_base.InternalClientError):
         return True
     sqlstate = getattr(exc, "sqlstate", None) or ""
     return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES
@@ -57,3 +73,14 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError | asyncio.TimeoutError) or getattr(exc, "sqlstate", None) == "57014":
         return "the database did not answer in time"
     return "the database is not reachable"
+
+
+def close_broken(conn: object, exc: BaseException) -> None:
+    """A pooled connection whose statement ended in anything but an answer from the server (a lost
+    or stalled connection, a timeout, a cancellation, a client-side protocol error) is closed
+    rather than handed back for reuse: its protocol state is not to be trusted. The pool opens a
+    fresh one when it needs it."""
+    if not isinstance(exc, asyncpg.PostgresError) or isinstance(exc, asyncpg.PostgresConnectionError):
+        terminate = getattr(conn, "terminate", None)
+        if terminate is not None:
+            terminate()

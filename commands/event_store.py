@@ -29,7 +29,14 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from commands.errors import Overloaded, Unavailable, describe, is_transient
+from commands.errors import (
+    LOCK_NOT_AVAILABLE,
+    Overloaded,
+    Unavailable,
+    close_broken,
+    describe,
+    is_transient,
+)
 from domain import ACCEPTED, REJECTIONS, DefineAsset, OpenWallet, TransactionCommand
 
 log = logging.getLogger("tally.event_store")
@@ -130,9 +137,14 @@ class EventStore:
     not block.
 
     Every call is bounded: a command waits at most ``timeout`` seconds, queued and running (then
-    Unavailable), the queue holds at most ``max_queue`` commands (beyond: Overloaded), and a wallet
-    locked by another session is waited for at most ``lock_wait`` seconds, by that wallet's
-    commands only (then Unavailable)."""
+    Unavailable); at most ``max_queue`` commands wait for a batch, and at most ``max_queue // 4``
+    for one wallet (beyond: Overloaded); a wallet locked by another transaction is waited for at
+    most ``lock_wait`` seconds, by that wallet's commands only (then Unavailable).
+
+    Wallets are *held* while a batch of this process has them (in flight, or retrying them): their
+    later commands are parked apart, per wallet, and rejoin the queue when the wallet is let go. So
+    this process's batches never contend for a row, and a wallet held for long (another session
+    locked it) parks only its own commands: it cannot fill the queue every other wallet needs."""
 
     def __init__(
         self,
@@ -150,18 +162,20 @@ class EventStore:
         self._max_in_flight = max_in_flight
         self._max_batch = max_batch
         self._max_queue = max_queue
+        self._max_parked = max(1, max_queue // 4)
         self._timeout = timeout
         self._lock_wait = lock_wait
         self._queue: collections.deque[_Pending] = collections.deque()
+        self._parked: dict[str, collections.deque[_Pending]] = {}
+        self._held: collections.Counter[str] = collections.Counter()  # holders per wallet
+        self._retries: dict[str, list[_Pending]] = {}  # per wallet being retried: commands to retry
         self._in_flight = 0
-        # Wallets that a batch of this process holds or is about to lock (group or retry): their
-        # other commands wait in the queue, so this process's batches never contend for a row.
-        self._held: set[str] = set()
         self._retry_slots = asyncio.Semaphore(max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()  # references, so tasks are not collected
 
     @property
     def queued(self) -> int:
+        """Commands waiting for a batch (not those parked behind a held wallet)."""
         return len(self._queue)
 
     async def define_asset(self, ctx: CommandContext, command: DefineAsset) -> Accepted:
@@ -171,27 +185,36 @@ class EventStore:
         return await self._execute(_OPEN_WALLET, CommandRecord.of(ctx, command))
 
     async def post_transaction(self, ctx: CommandContext, command: TransactionCommand) -> Accepted:
-        if len(self._queue) >= self._max_queue:
-            raise Overloaded(f"{len(self._queue)} commands are already waiting in this process")
         loop = asyncio.get_running_loop()
         item = _Pending(
             CommandRecord.of(ctx, command), loop.create_future(), command.user_id, loop.time() + self._timeout
         )
-        self._queue.append(item)
-        self._kick()
+        self._enqueue(item)
         try:
             async with asyncio.timeout(self._timeout):
                 outcome = await asyncio.shield(item.future)
         except TimeoutError:
             if item.future.done() and not item.future.cancelled() and item.future.exception() is None:
                 return outcome_of(*item.future.result())
-            # Still queued, it will not run; already in a batch, its outcome is stored anyway.
+            # Still waiting, it will not run; already in a batch, its outcome is stored anyway.
             item.future.cancel()
             raise Unavailable(
                 f"the command was not decided within {self._timeout:g} s; "
                 "retry with the same Idempotency-Key: it replays or applies once"
             ) from None
         return outcome_of(*outcome)
+
+    def _enqueue(self, item: _Pending) -> None:
+        if item.wallet in self._held:
+            parked = self._parked.setdefault(item.wallet, collections.deque())
+            if len(parked) >= self._max_parked:
+                raise Overloaded(f"{len(parked)} commands are already waiting for wallet {item.wallet}")
+            parked.append(item)
+            return
+        if len(self._queue) >= self._max_queue:
+            raise Overloaded(f"{len(self._queue)} commands are already waiting in this process")
+        self._queue.append(item)
+        self._kick()
 
     def _start(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)
@@ -204,23 +227,36 @@ class EventStore:
             self._in_flight += 1
             self._start(self._flush())
 
+    def _hold(self, wallets: set[str]) -> None:
+        self._held.update(wallets)
+
+    def _let_go(self, wallets: set[str]) -> None:
+        """One holder lets go of each wallet; a wallet nobody holds any more takes its parked
+        commands back to the head of the queue (they are older than what arrived meanwhile)."""
+        for wallet in wallets:
+            self._held[wallet] -= 1
+            if self._held[wallet] <= 0:
+                del self._held[wallet]
+                parked = self._parked.pop(wallet, None)
+                if parked:
+                    self._queue.extendleft(reversed(parked))
+        self._kick()
+
     def _take(self) -> list[_Pending]:
-        """The next batch: queued commands in order, skipping those whose caller gave up and those
-        of a wallet another batch of this process holds (they stay queued, in order)."""
+        """The next batch: queued commands in order, skipping those whose caller gave up, and
+        parking those of a wallet that another batch took meanwhile."""
         batch: list[_Pending] = []
         wallets: set[str] = set()
-        skipped: list[_Pending] = []
         while self._queue and len(batch) < self._max_batch:
             item = self._queue.popleft()
             if item.future.done():
                 continue
             if item.wallet in self._held and item.wallet not in wallets:
-                skipped.append(item)
+                self._parked.setdefault(item.wallet, collections.deque()).append(item)
                 continue
             wallets.add(item.wallet)
             batch.append(item)
-        self._queue.extendleft(reversed(skipped))
-        self._held |= wallets
+        self._hold(wallets)
         return batch
 
     async def _flush(self) -> None:
@@ -228,53 +264,53 @@ class EventStore:
 
         The count is decremented in the same step that finds nothing to take (no await between),
         so a command queued at any moment either finds a flusher that will take it, or starts one,
-        or waits for a held wallet whose holder kicks the queue when it lets go."""
+        or is parked behind a held wallet, whose last holder puts it back and kicks the queue."""
         try:
             while batch := self._take():
-                handed_over: set[str] = set()
                 try:
-                    handed_over = await self._run_batch(batch)
+                    await self._run_batch(batch)
                 finally:
-                    self._held -= {item.wallet for item in batch} - handed_over
+                    self._let_go({item.wallet for item in batch})
         finally:
             self._in_flight -= 1
 
-    async def _run_batch(self, batch: Sequence[_Pending], lock_wait: float | None = None) -> set[str]:
-        """Run one batch; the wallets handed over to a retry that waits for them (still held)."""
+    async def _run_batch(self, batch: Sequence[_Pending], lock_wait: float | None = None) -> None:
+        """Run one batch: a group batch (``lock_wait`` None), which never waits for a wallet, or the
+        retry of one held wallet's commands, which waits for it at most ``lock_wait`` seconds."""
         try:
             async with self._pool.acquire(timeout=self._timeout) as conn:
-                rows = await conn.fetch(
-                    _POST_TRANSACTIONS,
-                    _json([item.record for item in batch]),
-                    None if lock_wait is None else max(1, round(lock_wait * 1000)),
-                    timeout=self._timeout + 1,
-                )
+                try:
+                    rows = await conn.fetch(
+                        _POST_TRANSACTIONS,
+                        _json([item.record for item in batch]),
+                        None if lock_wait is None else max(1, round(lock_wait * 1000)),
+                        timeout=self._timeout + 1,
+                    )
+                except BaseException as exc:
+                    close_broken(conn, exc)
+                    raise
         except asyncio.CancelledError:  # the loop is going away: nobody may wait forever
             for item in batch:
                 item.future.cancel()
             raise
         except Exception as exc:
-            return await self._batch_failed(batch, exc)
+            await self._batch_failed(batch, exc, lock_wait)
+            return
         if self._on_append is not None and any(r["outcome"] == ACCEPTED and not r["replayed"] for r in rows):
             self._on_append()
-        locked: dict[str, list[_Pending]] = {}
         for row in rows:
             item = batch[row["idx"] - 1]
             if row["outcome"] == WALLET_LOCKED:
                 if lock_wait is None:
-                    locked.setdefault(item.wallet, []).append(item)
+                    self._retry(item)
                 elif not item.future.done():  # cannot happen: a waiting batch locks its wallets first
-                    item.future.set_exception(
-                        Unavailable(f"wallet {item.wallet} is locked by another session")
-                    )
+                    item.future.set_exception(Unavailable(f"wallet {item.wallet} is locked"))
             elif not item.future.done():  # its caller may have gone; the outcome is stored anyway
                 item.future.set_result((row["outcome"], row["body"], row["replayed"]))
-        for wallet, items in locked.items():
-            self._start(self._wait_for_wallet(wallet, items))
-        return set(locked)
 
-    async def _batch_failed(self, batch: Sequence[_Pending], exc: Exception) -> set[str]:
-        if is_transient(exc):
+    async def _batch_failed(self, batch: Sequence[_Pending], exc: Exception, lock_wait: float | None) -> None:
+        one_key_busy = getattr(exc, "sqlstate", None) == LOCK_NOT_AVAILABLE and lock_wait is None
+        if is_transient(exc) and not (one_key_busy and len(batch) > 1):
             # Nothing to learn by retrying now. The batch applied nothing, or committed as its
             # connection died: either way each command's key replays or applies it once.
             log.warning("a batch of %d commands failed: %r", len(batch), exc)
@@ -282,48 +318,70 @@ class EventStore:
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(error)
-            return set()
+            return
         if len(batch) == 1:
             if not batch[0].future.done():
                 batch[0].future.set_exception(exc)
-            return set()
-        # A command the batch function refused (a bug, not a decision): retrying one by one finds
-        # it, and decides the others. Safe, since the batch rolled back.
+            return
+        # A command the batch function refused (a bug, not a decision), or a key another transaction
+        # held past the lock timeout (a group batch waits for keys only): retrying one by one finds
+        # that command, and decides the others. Safe, since the batch rolled back.
         log.warning("a batch of %d commands failed (%s); retrying them one by one", len(batch), exc)
-        handed_over: set[str] = set()
         for item in batch:
-            handed_over |= await self._run_batch([item])
-        return handed_over
+            if not item.future.done():
+                await self._run_batch([item], lock_wait)
 
-    async def _wait_for_wallet(self, wallet: str, items: list[_Pending]) -> None:
-        """Retry the commands of a wallet another transaction held, as one batch that waits for the
-        wallet's lock, bounded by ``lock_wait`` and by their callers' patience; at most
-        ``max_in_flight`` such retries run at once, so a few locked wallets cannot take every
-        connection. The wallet stays held meanwhile (its later commands queue behind these)."""
+    def _retry(self, item: _Pending) -> None:
+        """Hand a command whose wallet another transaction held to that wallet's retry: one per
+        wallet at a time, which holds the wallet (its later commands park behind it)."""
+        pending = self._retries.get(item.wallet)
+        if pending is not None:
+            pending.append(item)
+            return
+        self._retries[item.wallet] = [item]
+        self._hold({item.wallet})
+        self._start(self._retry_wallet(item.wallet))
+
+    async def _retry_wallet(self, wallet: str) -> None:
+        """Retry the commands of a wallet another transaction held, as batches that wait for that
+        wallet's lock, each at most ``lock_wait`` and no longer than its latest caller waits; at
+        most ``max_in_flight`` such retries run at once, so a few held wallets cannot take every
+        connection. A command whose caller gave up is not sent; those left when no retry can run
+        in time are answered Unavailable at once."""
         loop = asyncio.get_running_loop()
         try:
-            items = [item for item in items if not item.future.done()]
-            patience = min((item.deadline for item in items), default=0.0) - loop.time()
-            if patience <= 0.05:
-                return  # every caller has given up, or is about to: nobody to answer
-            try:
-                async with asyncio.timeout(patience):
-                    await self._retry_slots.acquire()
-            except TimeoutError:
-                return  # their callers are answered by their own timeouts
-            try:
-                wait = min(self._lock_wait, max(0.001, min(i.deadline for i in items) - loop.time()))
-                await self._run_batch(items, lock_wait=wait)
-            finally:
-                self._retry_slots.release()
+            while pending := self._retries[wallet]:
+                self._retries[wallet] = []
+                items = [item for item in pending if not item.future.done()]
+                patience = max((item.deadline for item in items), default=0.0) - loop.time()
+                if patience <= 0:
+                    continue
+                try:
+                    async with asyncio.timeout(patience):
+                        await self._retry_slots.acquire()
+                except TimeoutError:
+                    _fail(items, Unavailable(f"wallet {wallet} is locked by another transaction"))
+                    continue
+                try:
+                    wait = min(self._lock_wait, max(i.deadline for i in items) - loop.time())
+                    if wait <= 0:
+                        _fail(items, Unavailable(f"wallet {wallet} is locked by another transaction"))
+                        continue
+                    await self._run_batch(items, lock_wait=wait)
+                finally:
+                    self._retry_slots.release()
         finally:
-            self._held.discard(wallet)
-            self._kick()
+            del self._retries[wallet]
+            self._let_go({wallet})
 
     async def _execute(self, sql: str, record: CommandRecord) -> Accepted:
         try:
-            async with self._pool.acquire(timeout=self._timeout) as conn:
-                row = await conn.fetchrow(sql, _json(record), timeout=self._timeout + 1)
+            async with asyncio.timeout(self._timeout), self._pool.acquire(timeout=self._timeout) as conn:
+                try:
+                    row = await conn.fetchrow(sql, _json(record), timeout=self._timeout + 1)
+                except BaseException as exc:
+                    close_broken(conn, exc)
+                    raise
         except Exception as exc:
             if is_transient(exc):
                 raise Unavailable(f"the command could not be decided: {describe(exc)}") from exc
@@ -332,3 +390,9 @@ class EventStore:
         if row["outcome"] == ACCEPTED and not row["replayed"] and self._on_append is not None:
             self._on_append()
         return outcome_of(row["outcome"], row["body"], row["replayed"])
+
+
+def _fail(items: Sequence[_Pending], error: Exception) -> None:
+    for item in items:
+        if not item.future.done():
+            item.future.set_exception(error)

@@ -42,8 +42,9 @@
 --   ever queues on a hot system row.
 -- * It runs as its owner (SECURITY DEFINER, search path pinned): the application role may call it,
 --   and cannot write streams, events or commands itself (api/migrate.py).
--- * Any unexpected error aborts the whole batch (nothing is applied); the caller then retries its
---   commands one by one.
+-- * Any unexpected error aborts the whole batch (nothing is applied); the caller then answers its
+--   commands 503 when the error says the database was away or slow, and otherwise retries them
+--   one by one (commands/event_store.py).
 -- tests/integration/test_model_based.py drives this function with concurrent batches against a
 -- model of these rules (tests/model.py).
 
@@ -65,8 +66,11 @@ LANGUAGE sql STABLE AS $$
                user_id text, asset text, amount bigint, reference text, metadata jsonb, expected_version bigint)
 $$;
 
+-- (The one-argument form of earlier releases is dropped: a release that calls it must be stopped
+-- before this one's migration, README "Upgrading".)
 DROP FUNCTION IF EXISTS tally_post_transactions(jsonb);
-CREATE OR REPLACE FUNCTION tally_post_transactions(p_commands jsonb, p_lock_wait_ms int DEFAULT NULL)
+DROP FUNCTION IF EXISTS tally_post_transactions(jsonb, int);
+CREATE FUNCTION tally_post_transactions(p_commands jsonb, p_lock_wait_ms int)
 RETURNS TABLE (idx int, outcome text, body text, replayed boolean) LANGUAGE plpgsql
 SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
@@ -247,7 +251,9 @@ BEGIN
             outcome := o_outcome[i];
             body := o_body[i];
             replayed := o_replayed[i];
-        ELSIF o_fingerprint[i] = o_fingerprint[o_first[i]] THEN
+        ELSIF o_fingerprint[i] = o_fingerprint[o_first[i]] OR o_outcome[o_first[i]] = 'wallet_locked' THEN
+            -- The same request again replays its first occurrence; so does any repeat of a key whose
+            -- first occurrence is not decided yet (wallet_locked: both go to the retry together).
             outcome := o_outcome[o_first[i]];
             body := o_body[o_first[i]];
             replayed := true;
@@ -259,3 +265,4 @@ BEGIN
         RETURN NEXT;
     END LOOP;
 END $$;
+

@@ -9,7 +9,8 @@
 -- and each asset's balance then is the `balance_after` of the newest transaction event of that
 -- asset at or before it (events_balance_by_asset): the balances a wallet had, never a mixture.
 -- (Events recorded before times were taken under the lock may carry a time earlier than their
--- predecessor's; there the search still lands on a version inside the cut, if not the greatest.)
+-- predecessor's. For such a wallet the search lands on a version recorded at or before the cut,
+-- but the prefix up to it may hold a later-recorded event: the cut is then approximate.)
 --
 -- Returns no row when the wallet does not exist; version 0 when it did not exist yet at the cut.
 -- `uncounted` counts the events at or before the cut of a type this release has no rule for (their

@@ -534,3 +534,26 @@ async def test_as_of_at_the_ends_of_time_is_answered(funded: Client) -> None:
     for nonsense in (str(2**63), "-1", "1e3", "\u0661", "2024-13-01", "now"):
         response = await get(client, "/v1/wallets/alice", as_of=nonsense)
         assert_problem(response, 400, "invalid_request")
+
+
+async def test_odd_bytes_in_headers_are_refused_not_failed(funded: Client) -> None:
+    """NUL bytes, control characters and bytes beyond ASCII in every header the API reads: a 4xx
+    problem, never a 500, and nothing recorded; a request id that is not a sane token is replaced."""
+    client = funded
+    before = await ledger_state(client, "alice")
+    odd = [b"a\x00b", b"\x01\x02", "é".encode(), b"\xff\xfe", b"Bearer tally_sk_" + "é".encode() * 20]
+    expected = {"Idempotency-Key": (400, "invalid_request"), "If-Match": (400, "invalid_request"),
+                "Authorization": (401, "unauthenticated")}  # fmt: skip
+    refusals = Refusals()
+    for value in odd:
+        for name, (status, code) in expected.items():
+            headers = {"Idempotency-Key": uuid.uuid4().hex, name: value}
+            response = await client.post(
+                "/v1/wallets/alice/spends", content=b'{"asset": "GOLD", "amount": 1}', headers=headers
+            )
+            refusals.check(f"{name}: {value!r}", response, status, code)
+        read = await client.get("/v1/wallets/alice", headers={"X-Request-ID": value, "If-None-Match": value})
+        assert read.status_code == 200, read.text
+        assert read.headers["x-request-id"].encode() != value
+    refusals.assert_none()
+    assert await ledger_state(client, "alice") == before

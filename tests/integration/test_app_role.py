@@ -150,8 +150,12 @@ async def test_a_role_granted_nothing_cannot_call_the_command_functions(db_url: 
     async with _owner_and_role(db_url, "tally_test_nobody", "LOGIN") as (_owner, role):
         nobody = await asyncpg.connect(with_user(db_url, role, None))
         try:
-            for function in ("tally_post_transactions", "tally_define_asset", "tally_open_wallet"):
+            for call in (
+                "tally_post_transactions('[]'::jsonb, NULL)",
+                "tally_define_asset('[]'::jsonb)",
+                "tally_open_wallet('[]'::jsonb)",
+            ):
                 with pytest.raises(asyncpg.InsufficientPrivilegeError):
-                    await nobody.fetch(f"SELECT * FROM {function}('[]'::jsonb)")
+                    await nobody.fetch(f"SELECT * FROM {call}")
         finally:
             await nobody.close()

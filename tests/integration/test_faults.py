@@ -144,12 +144,16 @@ async def test_postgres_restarted_under_load_recovers_by_itself(tmp_path: Path) 
                     await asyncio.sleep(0.1)
         finally:
             await admin.close()
-        # The projector runs again: a read of the newest command's effect is answered.
+        # The projector runs again: a read of the newest command's effect is answered (each try
+        # waits up to the consistency timeout; the projector may still be in its reconnect pause).
         newest = max((a for a in record.acknowledged), key=lambda a: a.started)
         async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=30) as http:
             user = newest.path.split("/")[3]
             token = newest.json()["consistency_token"]
-            read = await http.get(f"/v1/wallets/{user}/transactions", params={"consistent_with": token})
+            for _ in range(6):
+                read = await http.get(f"/v1/wallets/{user}/transactions", params={"consistent_with": token})
+                if read.status_code != 503:
+                    break
             assert read.status_code == 200, read.text
         for attempt in record.attempts:
             if attempt.status == 503:
