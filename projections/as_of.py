@@ -68,9 +68,10 @@ class Moment(msgspec.Struct, frozen=True):
             )
 
     def describe(self) -> str:
-        return (
-            f"position {self.position}" if self.position is not None else f"{self.at:%Y-%m-%dT%H:%M:%S.%fZ}"
-        )
+        if self.position is not None or self.at is None:
+            return f"position {self.position}"
+        # Not strftime: it writes year 1 as "1", not "0001".
+        return self.at.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 class AccountBalance(msgspec.Struct, frozen=True, kw_only=True):

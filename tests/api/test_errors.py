@@ -527,6 +527,7 @@ async def test_as_of_at_the_ends_of_time_is_answered(funded: Client) -> None:
     for before_anything in ("0001-01-01T00:00:00+14:00", "0001-01-01T00:00:00", "0"):
         response = await get(client, "/v1/wallets/alice", as_of=before_anything)
         assert_problem(response, 404, "wallet_not_found")
+        assert "0001-01-01T00:00:00.000000Z" in response.json()["detail"] or before_anything == "0"
     for after_everything in ("9999-12-31T23:59:59-14:00", "9999-12-31T23:59:59.999999", str(2**63 - 1)):
         response = await get(client, "/v1/wallets/alice", as_of=after_everything)
         assert response.status_code == 200, response.text
