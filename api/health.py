@@ -141,7 +141,14 @@ async def _may_see_details(request: Request[Any, Any, Any], state: State) -> boo
     authenticator: Authenticator = state.authenticator
     try:
         principal = await asyncio.wait_for(authenticator.authenticate(authorization), _DATABASE_TIMEOUT)
-    except (Unauthenticated, TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+    except (
+        Unauthenticated,
+        Overloaded,
+        TimeoutError,
+        OSError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+    ):
         return False
     return principal.allows("metrics:read")
 

@@ -193,9 +193,12 @@ class EventStore:
         try:
             async with asyncio.timeout(self._timeout):
                 outcome = await asyncio.shield(item.future)
+        except asyncio.CancelledError:
+            item.future.cancel()  # its caller went away: not sent if not taken yet
+            raise
         except TimeoutError:
-            if item.future.done() and not item.future.cancelled() and item.future.exception() is None:
-                return outcome_of(*item.future.result())
+            if item.future.done() and not item.future.cancelled():
+                return outcome_of(*item.future.result())  # decided just now (or failed: raised)
             # Still waiting, it will not run; already in a batch, its outcome is stored anyway.
             item.future.cancel()
             raise Unavailable(
@@ -276,9 +279,13 @@ class EventStore:
 
     async def _run_batch(self, batch: Sequence[_Pending], lock_wait: float | None = None) -> None:
         """Run one batch: a group batch (``lock_wait`` None), which never waits for a wallet, or the
-        retry of one held wallet's commands, which waits for it at most ``lock_wait`` seconds."""
+        retry of one held wallet's commands, which waits for it at most ``lock_wait`` seconds.
+        Commands whose callers gave up while it waited for a connection are not sent."""
         try:
             async with self._pool.acquire(timeout=self._timeout) as conn:
+                batch = [item for item in batch if not item.future.done()]
+                if not batch:
+                    return
                 try:
                     rows = await conn.fetch(
                         _POST_TRANSACTIONS,
@@ -355,6 +362,8 @@ class EventStore:
                 items = [item for item in pending if not item.future.done()]
                 patience = max((item.deadline for item in items), default=0.0) - loop.time()
                 if patience <= 0:
+                    for item in items:  # their callers' own timeouts are due: nothing to answer
+                        item.future.cancel()
                     continue
                 try:
                     async with asyncio.timeout(patience):
