@@ -21,7 +21,13 @@ from litestar.plugins.prometheus import PrometheusConfig
 from litestar.static_files import create_static_files_router
 
 from api.auth import Authenticator, BearerAuthentication, require_scope
-from api.controllers import AssetController, SystemController, TransactionController, WalletController
+from api.controllers import (
+    AssetController,
+    HoldController,
+    SystemController,
+    TransactionController,
+    WalletController,
+)
 from api.database import BoundedPool, connect, create_pool
 from api.errors import EXCEPTION_HANDLERS
 from api.health import health_live, health_ready, metrics
@@ -146,6 +152,7 @@ def create_app(settings: Settings, *, run_projector: bool = False) -> Litestar:
             AssetController,
             WalletController,
             TransactionController,
+            HoldController,
             SystemController,
             health_live,
             health_ready,

@@ -216,13 +216,15 @@ async def _balances(url: str, moment_text: str, output: str) -> None:
         print(msgspec.json.format(msgspec.json.encode(document), indent=2).decode())
     elif output == "csv":
         writer = csv.writer(sys.stdout)
-        writer.writerow(["account", "asset", "balance"])
-        writer.writerows([b.account, b.asset, b.balance] for b in balances)
+        writer.writerow(["account", "asset", "balance", "held", "available"])
+        writer.writerows([b.account, b.asset, b.balance, b.held, b.available] for b in balances)
     else:
         print(f"balances as of {moment.describe()}")
-        print(f"{'asset':<16} {'account':<40} {'balance':>24}")
+        print(f"{'asset':<16} {'account':<40} {'balance':>24} {'held':>20} {'available':>24}")
         for b in balances:
-            print(f"{b.asset:<16} {b.account:<40} {b.balance:>24}")
+            held = "" if b.held is None else str(b.held)
+            available = "" if b.available is None else str(b.available)
+            print(f"{b.asset:<16} {b.account:<40} {b.balance:>24} {held:>20} {available:>24}")
 
 
 async def _projections(url: str, action: str, name: str | None, as_json: bool) -> int:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import uuid
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, Final, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
@@ -18,23 +19,39 @@ from litestar.params import FromPath, HeaderParameter, JSONBody, PathParameter, 
 
 from api.auth import Principal, scoped
 from api.database import BoundedPool
-from api.dto import DefineAssetRequest, MoveCreditsRequest, OpenWalletRequest, Problem, StrictBody
-from api.errors import IdempotencyKeyMissing, InvalidRequest
+from api.dto import (
+    CaptureRequest,
+    DefineAssetRequest,
+    MoveCreditsRequest,
+    OpenWalletRequest,
+    PlaceHoldRequest,
+    Problem,
+    ReverseRequest,
+    StrictBody,
+    VoidRequest,
+)
+from api.errors import IdempotencyKeyMissing, InvalidRequest, decode_strict
 from api.observability import COMMANDS, REQUEST_ID
 from api.ratelimit import ReadLimiter
 from api.settings import Settings
 from commands import CommandContext, EventStore, handle
 from domain import (
     FLOWS_BY_KIND,
+    CaptureHold,
     Command,
     DefineAsset,
     DomainError,
     GrantBonus,
+    HoldNotFound,
     InsufficientFunds,
     OpenWallet,
+    PlaceHold,
+    ReverseTransaction,
     SpendCredits,
     TopUpCredits,
     TransactionCommand,
+    TransactionNotFound,
+    VoidHold,
     kind_of,
 )
 from domain.values import ASSET_CODE_PATTERN, USER_ID_PATTERN
@@ -44,6 +61,8 @@ from projections.positions import Position
 from projections.read_models import (
     Asset,
     AssetList,
+    Hold,
+    HoldPage,
     SystemBalances,
     Transaction,
     TransactionPage,
@@ -83,6 +102,8 @@ ConsistentWith = Annotated[
 Store = NamedDependency[EventStore]
 Pool = NamedDependency[BoundedPool]
 UserIdPath = Annotated[str, PathParameter(pattern=USER_ID_PATTERN, description="The wallet owner's user id.")]
+HoldIdPath = Annotated[str, PathParameter(description="The hold's id (hold_id).")]
+TransactionIdPath = Annotated[str, PathParameter(description="The transaction's id (transaction_id).")]
 
 
 def _problems(*statuses: int) -> dict[int, ResponseSpec]:
@@ -133,6 +154,7 @@ def _command_context(
         fingerprint=fingerprint,
         metadata=metadata,
         legacy_fingerprint=legacy,
+        assets=None if principal.assets is None else tuple(sorted(principal.assets)),
     )
 
 
@@ -162,7 +184,12 @@ def _record(kind: str, ctx: CommandContext, outcome: str, **fields: str | None) 
 
 
 async def _command(
-    kind: str, store: EventStore, command: Command, ctx: CommandContext, type_: type[T]
+    kind: str,
+    store: EventStore,
+    command: Command,
+    ctx: CommandContext,
+    type_: type[T],
+    status_code: int = 201,
 ) -> Response[T]:
     """Run the command's handler; count its outcome and log it with its key and transaction id."""
     try:
@@ -184,10 +211,11 @@ async def _command(
         ctx,
         "replayed" if accepted.replayed else "accepted",
         transaction_id=getattr(result, "transaction_id", None),
+        hold_id=getattr(result, "hold_id", None),
         user_id=getattr(result, "user_id", None),
     )
     headers = {"Idempotent-Replayed": "true"} if accepted.replayed else {}
-    return Response(result, status_code=201, headers=headers)
+    return Response(result, status_code=status_code, headers=headers)
 
 
 async def _wait(state: State, projections: tuple[str, ...], consistent_with: str | None) -> None:
@@ -338,6 +366,60 @@ class WalletController(Controller):
     )
     spend_credits = _transaction_route(SpendCredits, "spends", "credits:spend", "Spend (user to revenue)")
 
+    @post(
+        "/{user_id:str}/holds",
+        status_code=201,
+        summary="Place a hold: reserve part of the available balance until it expires",
+        responses=_problems(400, 404, 409, 422),
+        dto=StrictBody[PlaceHoldRequest],
+        return_dto=None,
+        **scoped("holds:write"),
+    )
+    async def place_hold(
+        self,
+        request: Request[Any, Any, Any],
+        user_id: UserIdPath,
+        data: JSONBody[PlaceHoldRequest],
+        store: Store,
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[Hold]:
+        request.user.require_asset(data.asset)
+        ctx = _command_context(request, idempotency_key, data)
+        command = PlaceHold(user_id=user_id, **msgspec.structs.asdict(data))
+        return await _command("place_hold", store, command, ctx, Hold)
+
+    @get(
+        "/{user_id:str}/holds",
+        summary="A wallet's holds, newest first",
+        responses=_problems(400, 404, 503),
+        **scoped("ledger:read"),
+    )
+    async def wallet_holds(
+        self,
+        state: State,
+        pool: Pool,
+        user_id: UserIdPath,
+        status: Annotated[
+            Literal["active", "captured", "voided", "expired"] | None,
+            QueryParameter(description="Only holds in this status."),
+        ] = None,
+        asset: Annotated[str | None, QueryParameter(pattern=ASSET_CODE_PATTERN)] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=200)] = 50,
+        cursor: Annotated[str | None, QueryParameter(description="next_cursor of the previous page")] = None,
+        consistent_with: ConsistentWith = None,
+    ) -> HoldPage:
+        await _wait(state, ("wallets",), consistent_with)
+        try:
+            queries.decode_cursor(cursor)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        return await _complete(
+            state,
+            lambda: queries.wallet_holds(
+                pool, user_id, status=status, asset=asset, limit=limit, cursor=cursor
+            ),
+        )
+
     @get(
         "/{user_id:str}/transactions",
         summary="A wallet's transactions, newest first",
@@ -384,9 +466,39 @@ async def _complete(state: State, read: Callable[[], Awaitable[T]]) -> T:
                 await watcher.next_progress(min(remaining, 0.25))
 
 
+def _uuid(value: str, missing: type[DomainError], what: str) -> str:
+    """The id in its canonical form; ``missing`` (a 404) when it is no id Tally could have issued."""
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise missing(f"no {what} {value}") from None
+
+
 class TransactionController(Controller):
     path = "/v1/transactions"
     tags = ["transactions"]
+
+    @post(
+        "/{transaction_id:str}/reversals",
+        status_code=201,
+        summary="Reverse (part of) a transaction: its legs negated, at most its amount in all",
+        responses=_problems(400, 404, 409, 422),
+        dto=StrictBody[ReverseRequest],
+        return_dto=None,
+        **scoped("credits:reverse"),
+    )
+    async def reverse_transaction(
+        self,
+        request: Request[Any, Any, Any],
+        transaction_id: TransactionIdPath,
+        data: JSONBody[ReverseRequest],
+        store: Store,
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[Transaction]:
+        ctx = _command_context(request, idempotency_key, data)
+        target = _uuid(transaction_id, TransactionNotFound, "transaction")
+        command = ReverseTransaction(transaction_id=target, **msgspec.structs.asdict(data))
+        return await _command("reversal", store, command, ctx, Transaction)
 
     @get(
         "/{transaction_id:str}",
@@ -403,6 +515,64 @@ class TransactionController(Controller):
     ) -> Transaction:
         await _wait(state, ("history",), consistent_with)
         return await queries.get_transaction(pool, transaction_id)
+
+
+class HoldController(Controller):
+    path = "/v1/holds"
+    tags = ["holds"]
+
+    @get(
+        "/{hold_id:str}",
+        summary="One hold",
+        responses=_problems(400, 404, 503),
+        **scoped("ledger:read"),
+    )
+    async def get_hold(
+        self, state: State, pool: Pool, hold_id: HoldIdPath, consistent_with: ConsistentWith = None
+    ) -> Hold:
+        await _wait(state, ("wallets",), consistent_with)
+        return await _complete(state, lambda: queries.get_hold(pool, hold_id))
+
+    @post(
+        "/{hold_id:str}/captures",
+        status_code=201,
+        summary="Capture (part of) a hold: a spend of what it reserved",
+        responses=_problems(400, 404, 409, 422),
+        dto=StrictBody[CaptureRequest],
+        return_dto=None,
+        **scoped("holds:write"),
+    )
+    async def capture_hold(
+        self,
+        request: Request[Any, Any, Any],
+        hold_id: HoldIdPath,
+        data: JSONBody[CaptureRequest],
+        store: Store,
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[Transaction]:
+        ctx = _command_context(request, idempotency_key, data)
+        command = CaptureHold(hold_id=_uuid(hold_id, HoldNotFound, "hold"), **msgspec.structs.asdict(data))
+        return await _command("capture_hold", store, command, ctx, Transaction)
+
+    @post(
+        "/{hold_id:str}/void",
+        status_code=200,
+        summary='Void a hold: release what remains of it (optional body: {"reason": "..."}, <= 200 chars)',
+        responses=_problems(400, 404, 409, 422),
+        **scoped("holds:write"),
+    )
+    async def void_hold(
+        self,
+        request: Request[Any, Any, Any],
+        hold_id: HoldIdPath,
+        store: Store,
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[Hold]:
+        raw = await request.body()
+        body = decode_strict(raw, VoidRequest) if raw.strip() else VoidRequest()
+        ctx = _command_context(request, idempotency_key, body)
+        command = VoidHold(hold_id=_uuid(hold_id, HoldNotFound, "hold"), reason=body.reason)
+        return await _command("void_hold", store, command, ctx, Hold, status_code=200)
 
 
 class SystemController(Controller):

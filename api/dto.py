@@ -17,7 +17,17 @@ from litestar.openapi.spec import Reference, Schema
 from litestar.typing import FieldDefinition
 
 from api.errors import InvalidRequest, decode_strict
-from domain.values import Amount, AssetCode, AssetName, Decimals, Metadata, UserId
+from domain.values import (
+    DEFAULT_HOLD_SECONDS,
+    Amount,
+    AssetCode,
+    AssetName,
+    Decimals,
+    HoldSeconds,
+    Metadata,
+    Reason,
+    UserId,
+)
 from domain.values import Reference as TxReference
 
 T = TypeVar("T")
@@ -82,6 +92,36 @@ class MoveCreditsRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
     amount: Amount
     reference: TxReference | None = None
     metadata: Metadata = msgspec.field(default_factory=dict)
+
+
+class ReverseRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Give back ``amount`` (default: all that remains) of the transaction."""
+
+    amount: Amount | None = None
+    reason: Reason | None = None
+    reference: TxReference | None = None
+    metadata: Metadata = msgspec.field(default_factory=dict)
+
+
+class PlaceHoldRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Reserve ``amount`` of ``asset`` for ``expires_in_seconds`` (1 s to 30 days; default 3600)."""
+
+    asset: AssetCode
+    amount: Amount
+    expires_in_seconds: HoldSeconds = DEFAULT_HOLD_SECONDS
+    reference: TxReference | None = None
+    metadata: Metadata = msgspec.field(default_factory=dict)
+
+
+class CaptureRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Capture ``amount`` (default: all that remains); ``final`` (default true) releases the rest."""
+
+    amount: Amount | None = None
+    final: bool = True
+
+
+class VoidRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    reason: Reason | None = None
 
 
 class Problem(msgspec.Struct, frozen=True, kw_only=True):

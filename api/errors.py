@@ -20,7 +20,6 @@ from api.auth import Forbidden, Unauthenticated
 from api.ratelimit import RateLimited
 from commands.errors import Overloaded, Unavailable, describe, is_transient
 from domain import DomainError
-from projections.queries import TransactionNotFound
 from projections.watcher import ProjectionTimeout
 
 log = logging.getLogger("tally.api")
@@ -36,12 +35,18 @@ STATUS_BY_CODE: Final = {
     "wallet_not_found": 404,
     "asset_not_found": 404,
     "transaction_not_found": 404,
+    "hold_not_found": 404,
     "not_found": 404,
     "method_not_allowed": 405,
     "payload_too_large": 413,
     "insufficient_funds": 409,
     "wallet_exists": 409,
     "asset_exists": 409,
+    "reversal_exceeds_remaining": 409,
+    "not_reversible": 409,
+    "capture_exceeds_hold": 409,
+    "hold_expired": 409,
+    "hold_not_active": 409,
     "version_mismatch": 412,
     "idempotency_key_reused": 422,
     "rate_limited": 429,
@@ -187,7 +192,6 @@ EXCEPTION_HANDLERS: Final[ExceptionHandlersMap] = {
     RateLimited: _rate_limited,
     IdempotencyKeyMissing: _coded,
     InvalidRequest: _coded,
-    TransactionNotFound: _coded,
     ProjectionTimeout: _coded,
     Unavailable: _unavailable,
     Overloaded: _unavailable,

@@ -221,8 +221,8 @@ _CLOSE_FUNCTIONS: Final = (
 # What the application role may write besides calling the command functions: the read models
 # and the projections' checkpoints (the projector runs as it). Everything else it may only read.
 _APP_WRITES: Final = (
-    "rm_assets", "rm_wallets", "rm_balances", "rm_transactions", "rm_history_wallets", "rm_system_balances",
-    "projection_checkpoints",
+    "rm_assets", "rm_wallets", "rm_balances", "rm_holds", "rm_transactions", "rm_history_wallets",
+    "rm_system_balances", "projection_checkpoints",
 )  # fmt: skip
 
 

@@ -37,13 +37,28 @@ from commands.errors import (
     describe,
     is_transient,
 )
-from domain import ACCEPTED, REJECTIONS, DefineAsset, OpenWallet, TransactionCommand
+from domain import (
+    ACCEPTED,
+    REJECTIONS,
+    CaptureHold,
+    DefineAsset,
+    LifecycleCommand,
+    OpenWallet,
+    PlaceHold,
+    ReverseTransaction,
+    TransactionCommand,
+    VoidHold,
+)
 
 log = logging.getLogger("tally.event_store")
 
 _DEFINE_ASSET = "SELECT outcome, body, replayed FROM tally_define_asset($1::jsonb)"
 _OPEN_WALLET = "SELECT outcome, body, replayed FROM tally_open_wallet($1::jsonb)"
 _POST_TRANSACTIONS = "SELECT idx, outcome, body, replayed FROM tally_post_transactions($1::jsonb, $2::int)"
+_REVERSE_TRANSACTION = "SELECT outcome, body, replayed FROM tally_reverse_transaction($1::jsonb)"
+_PLACE_HOLD = "SELECT outcome, body, replayed FROM tally_place_hold($1::jsonb)"
+_CAPTURE_HOLD = "SELECT outcome, body, replayed FROM tally_capture_hold($1::jsonb)"
+_VOID_HOLD = "SELECT outcome, body, replayed FROM tally_void_hold($1::jsonb)"
 # Not a decision: the command's wallet was held by another transaction (its key was let go).
 WALLET_LOCKED = "wallet_locked"
 
@@ -65,6 +80,9 @@ class CommandContext(msgspec.Struct, frozen=True, kw_only=True):
     # objects (they were hashed in the order sent), when that differs: a key recorded then keeps
     # replaying (tally_replay).
     legacy_fingerprint: bytes | None = None
+    # The assets the client's key is limited to (None: every asset). A command on a transaction or
+    # hold learns its asset in SQL, which checks it there.
+    assets: tuple[str, ...] | None = None
 
     @staticmethod
     def fingerprint_of(*parts: str | bytes) -> bytes:
@@ -84,14 +102,19 @@ class CommandRecord(msgspec.Struct, frozen=True):
     client: str  # the client's id: the key's namespace
     fingerprint: str  # PostgreSQL's hex form of bytea: "\\x…"
     context: dict[str, str]
-    command: DefineAsset | OpenWallet | TransactionCommand
+    command: DefineAsset | OpenWallet | TransactionCommand | LifecycleCommand
     legacy_fingerprint: str | None = None  # same form; see CommandContext
+    assets: tuple[str, ...] | None = None  # see CommandContext
 
     @classmethod
-    def of(cls, ctx: CommandContext, command: DefineAsset | OpenWallet | TransactionCommand) -> CommandRecord:
+    def of(
+        cls, ctx: CommandContext, command: DefineAsset | OpenWallet | TransactionCommand | LifecycleCommand
+    ) -> CommandRecord:
         context = {**ctx.metadata, "created_by": ctx.created_by}
         legacy = None if ctx.legacy_fingerprint is None else "\\x" + ctx.legacy_fingerprint.hex()
-        return cls(ctx.command_id, ctx.client_id, "\\x" + ctx.fingerprint.hex(), context, command, legacy)
+        return cls(
+            ctx.command_id, ctx.client_id, "\\x" + ctx.fingerprint.hex(), context, command, legacy, ctx.assets
+        )
 
 
 class Accepted(msgspec.Struct, frozen=True):
@@ -183,6 +206,18 @@ class EventStore:
 
     async def open_wallet(self, ctx: CommandContext, command: OpenWallet) -> Accepted:
         return await self._execute(_OPEN_WALLET, CommandRecord.of(ctx, command))
+
+    async def reverse_transaction(self, ctx: CommandContext, command: ReverseTransaction) -> Accepted:
+        return await self._execute(_REVERSE_TRANSACTION, CommandRecord.of(ctx, command))
+
+    async def place_hold(self, ctx: CommandContext, command: PlaceHold) -> Accepted:
+        return await self._execute(_PLACE_HOLD, CommandRecord.of(ctx, command))
+
+    async def capture_hold(self, ctx: CommandContext, command: CaptureHold) -> Accepted:
+        return await self._execute(_CAPTURE_HOLD, CommandRecord.of(ctx, command))
+
+    async def void_hold(self, ctx: CommandContext, command: VoidHold) -> Accepted:
+        return await self._execute(_VOID_HOLD, CommandRecord.of(ctx, command))
 
     async def post_transaction(self, ctx: CommandContext, command: TransactionCommand) -> Accepted:
         loop = asyncio.get_running_loop()

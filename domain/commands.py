@@ -9,7 +9,18 @@ from __future__ import annotations
 
 import msgspec
 
-from domain.values import Amount, AssetCode, AssetName, Decimals, Metadata, Reference, UserId
+from domain.values import (
+    DEFAULT_HOLD_SECONDS,
+    Amount,
+    AssetCode,
+    AssetName,
+    Decimals,
+    HoldSeconds,
+    Metadata,
+    Reason,
+    Reference,
+    UserId,
+)
 
 
 class DefineAsset(msgspec.Struct, frozen=True, kw_only=True):
@@ -46,7 +57,47 @@ class SpendCredits(_MoveCredits, frozen=True, kw_only=True, tag="spend"):
 
 
 TransactionCommand = TopUpCredits | GrantBonus | SpendCredits
-Command = DefineAsset | OpenWallet | TransactionCommand
+
+
+class ReverseTransaction(msgspec.Struct, frozen=True, kw_only=True):
+    """Give back ``amount`` (default: all that remains) of a transaction: its legs negated, on its
+    wallet. The reversals of one transaction never exceed it; a reversal is not reversed."""
+
+    transaction_id: str
+    amount: Amount | None = None
+    reason: Reason | None = None
+    reference: Reference | None = None
+    metadata: Metadata = msgspec.field(default_factory=dict)
+
+
+class PlaceHold(msgspec.Struct, frozen=True, kw_only=True):
+    """Reserve ``amount`` of a wallet's available balance until ``expires_in_seconds`` from now."""
+
+    user_id: UserId
+    asset: AssetCode
+    amount: Amount
+    expires_in_seconds: HoldSeconds = DEFAULT_HOLD_SECONDS
+    reference: Reference | None = None
+    metadata: Metadata = msgspec.field(default_factory=dict)
+
+
+class CaptureHold(msgspec.Struct, frozen=True, kw_only=True):
+    """Spend ``amount`` (default: all that remains) of an active hold; ``final`` releases the rest."""
+
+    hold_id: str
+    amount: Amount | None = None
+    final: bool = True
+
+
+class VoidHold(msgspec.Struct, frozen=True, kw_only=True):
+    """End an active hold, releasing what remains of it."""
+
+    hold_id: str
+    reason: Reason | None = None
+
+
+LifecycleCommand = ReverseTransaction | PlaceHold | CaptureHold | VoidHold
+Command = DefineAsset | OpenWallet | TransactionCommand | LifecycleCommand
 
 
 def kind_of(command: TransactionCommand | type[TransactionCommand]) -> str:

@@ -59,11 +59,57 @@ class IdempotencyKeyReused(DomainError):
     recorded = False
 
 
+class TransactionNotFound(DomainError):
+    code = "transaction_not_found"
+    recorded = False
+
+
+class NotReversible(DomainError):
+    """A reversal is not reversed (reverse the original again instead, while some of it remains)."""
+
+    code = "not_reversible"
+
+
+class ReversalExceedsRemaining(DomainError):
+    """The reversals of one transaction never add up to more than its amount (``remaining``)."""
+
+    code = "reversal_exceeds_remaining"
+
+
+class HoldNotFound(DomainError):
+    code = "hold_not_found"
+    recorded = False
+
+
+class CaptureExceedsHold(DomainError):
+    code = "capture_exceeds_hold"
+
+
+class HoldExpired(DomainError):
+    """The hold's expiry passed (by the database's clock): it holds nothing and cannot be used."""
+
+    code = "hold_expired"
+
+
+class HoldNotActive(DomainError):
+    """The hold was captured or voided."""
+
+    code = "hold_not_active"
+
+
+class AssetForbidden(DomainError):
+    """The caller's key may not use the asset of the transaction or hold it acts on."""
+
+    code = "forbidden"
+    recorded = False
+
+
 REJECTIONS: Final[dict[str, type[DomainError]]] = {
     cls.code: cls
     for cls in (
         InsufficientFunds, VersionMismatch, WalletExists, AssetExists, WalletNotFound, AssetNotFound,
-        IdempotencyKeyReused,
+        IdempotencyKeyReused, TransactionNotFound, NotReversible, ReversalExceedsRemaining, HoldNotFound,
+        CaptureExceedsHold, HoldExpired, HoldNotActive, AssetForbidden,
     )
 }  # fmt: skip
 # The outcomes a command's row may hold (migrations/0006: commands_outcome_recorded).

@@ -54,12 +54,73 @@ class CreditsSpent(TransactionRecorded, frozen=True, kw_only=True):
     pass
 
 
+class CreditsReversed(TransactionRecorded, frozen=True, kw_only=True):
+    """``amount`` of transaction ``reverses`` given back: its legs negated for that amount
+    (``kind`` "reversal")."""
+
+    reverses: str
+    reason: str | None
+
+
+class HoldPlaced(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``amount`` reserved until ``expires_at``; the hold's id is this event's id. Moves nothing."""
+
+    hold_id: str
+    user_id: str
+    asset: str
+    amount: int
+    expires_at: str
+    reference: str | None
+    metadata: dict[str, str]
+
+
+class HoldCaptured(TransactionRecorded, frozen=True, kw_only=True):
+    """A spend (``kind`` "spend") of ``amount`` of hold ``hold_id``: ``released`` is what a final
+    capture let go, ``hold_remaining`` what the hold still reserves (0: it ended)."""
+
+    hold_id: str
+    final: bool
+    released: int
+    hold_remaining: int
+
+
+class HoldVoided(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    hold_id: str
+    user_id: str
+    asset: str
+    released: int
+    reason: str | None
+
+
+class HoldExpired(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Recorded after ``expires_at`` by tally_expire_holds; the hold stopped holding at ``expires_at``."""
+
+    hold_id: str
+    user_id: str
+    asset: str
+    released: int
+    expires_at: str
+
+
 TransactionEvent = CreditsToppedUp | BonusGranted | CreditsSpent
-Event = AssetDefined | WalletOpened | TransactionEvent
+Event = (
+    AssetDefined
+    | WalletOpened
+    | TransactionEvent
+    | CreditsReversed
+    | HoldPlaced
+    | HoldCaptured
+    | HoldVoided
+    | HoldExpired
+)
 
 EVENT_TYPES: Final[dict[str, type[Event]]] = {
-    cls.__name__: cls for cls in (AssetDefined, WalletOpened, CreditsToppedUp, BonusGranted, CreditsSpent)
-}
+    cls.__name__: cls
+    for cls in (
+        AssetDefined, WalletOpened, CreditsToppedUp, BonusGranted, CreditsSpent, CreditsReversed, HoldPlaced,
+        HoldCaptured, HoldVoided, HoldExpired,
+    )
+}  # fmt: skip
 
 
 class UnknownEventType(ValueError):

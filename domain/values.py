@@ -31,6 +31,11 @@ Metadata = Annotated[dict[MetadataKey, MetadataValue], msgspec.Meta(max_length=1
 Reference = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=NO_NUL)]
 AssetName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NO_NUL)]
 Decimals = Annotated[int, msgspec.Meta(ge=0, le=18)]
+Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NO_NUL)]
+# A hold lasts 1 s to 30 days; one that names no expiry lasts an hour (README, "Holds").
+MAX_HOLD_SECONDS: Final = 30 * 24 * 3600
+DEFAULT_HOLD_SECONDS: Final = 3600
+HoldSeconds = Annotated[int, msgspec.Meta(ge=1, le=MAX_HOLD_SECONDS)]
 
 
 def user_account(user_id: str) -> str:

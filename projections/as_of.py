@@ -2,17 +2,17 @@
 
 A moment is a time or a global position. "As of time T" counts the events recorded at or before T
 (``recorded_at`` is taken under the wallet's lock, and never runs backwards within a stream); "as of
-position P" counts the events at positions up to P. Every transaction is one event, so either cut
-is balanced: each asset still sums to zero.
+position P" counts the events at positions up to P. Every transaction is one event, so either cut is
+balanced: each asset still sums to zero.
 
-The whole ledger's balances are the legs of the transaction events (those whose type is a flow's)
-in the cut, read from every event. One wallet's are the ``balance_after`` its events state, found
-by index, so they cost time logarithmic in its history (projections/sql/tally_wallet_as_of.sql);
-``tally verify`` proves every stated balance equals the replayed one. A wallet's version counts
-every one of its events, whatever its type. An event of a type this release has no rule for
+The whole ledger's balances are the legs of the transaction events (tally_event_kind) in the cut,
+read from every event. One wallet's are the ``balance_after`` its events state, found by index, so
+they cost time logarithmic in its history (projections/sql/tally_wallet_as_of.sql); ``tally verify``
+proves every stated balance equals the replayed one. A wallet's ``held`` is what its holds reserved
+at the cut (placed, not ended, not expired by then), and ``available`` the rest. A wallet's version
+counts every one of its events, whatever its type. An event of a type this release has no rule for
 (tally_event_kind) is not guessed at: the answer counts them as ``uncounted_events``, so a reader
-knows the balances may not be the whole story.
-"""
+knows the balances may not be the whole story."""
 
 from __future__ import annotations
 
@@ -29,16 +29,38 @@ _CUT = """(($1::timestamptz IS NOT NULL AND e.recorded_at <= $1)
 
 _ALL_ACCOUNTS = f"""
 SELECT l.account, e.data ->> 'asset' AS asset, sum(l.amount)::text AS balance
-  FROM events e JOIN flows f ON f.event_type = e.event_type, tally_event_legs(e.data) l
- WHERE {_CUT}
+  FROM events e LEFT JOIN flows f ON f.event_type = e.event_type, tally_event_legs(e.data) l
+ WHERE {_CUT} AND tally_event_kind(e.event_type, f.kind IS NOT NULL) = 'transaction'
  GROUP BY 1, 2
  ORDER BY 2, 1
+"""
+# What the holds of every wallet reserved at the cut, per user account and asset: each hold's state
+# at its newest event within the cut, if placed and not ended by then and not expired at the cut's
+# time (as of a position: the time of the newest event at or before it).
+_HELD = f"""
+SELECT 'user:' || substr(x.stream_id, 8) AS account, x.asset, sum(x.remaining)::text AS held
+  FROM (SELECT DISTINCT ON (e.data ->> 'hold_id') e.stream_id, e.data ->> 'hold_id' AS hold_id,
+               e.data ->> 'asset' AS asset,
+               CASE e.event_type WHEN 'HoldPlaced' THEN (e.data ->> 'amount')::bigint
+                                 WHEN 'HoldCaptured' THEN (e.data ->> 'hold_remaining')::bigint
+                                 ELSE 0 END AS remaining
+          FROM events e
+         WHERE {_CUT} AND e.event_type IN ('HoldPlaced', 'HoldCaptured', 'HoldVoided', 'HoldExpired')
+         ORDER BY e.data ->> 'hold_id', e.stream_version DESC) x
+  JOIN events p ON p.event_id = x.hold_id::uuid AND p.event_type = 'HoldPlaced'
+ WHERE x.remaining > 0
+   AND (p.data ->> 'expires_at')::timestamptz > coalesce($1::timestamptz, (
+            SELECT c.recorded_at FROM events c WHERE c.global_position <= $2::bigint
+             ORDER BY c.global_position DESC LIMIT 1))
+ GROUP BY 1, 2
 """
 _UNCOUNTED = f"""
 SELECT count(*) FROM events e LEFT JOIN flows f ON f.event_type = e.event_type
  WHERE {_CUT} AND tally_event_kind(e.event_type, f.kind IS NOT NULL) IS NULL
 """
-_WALLET = "SELECT version, balances::text AS balances, uncounted FROM tally_wallet_as_of($3, $1, $2)"
+_WALLET = """
+SELECT version, balances::text AS balances, held::text AS held, uncounted FROM tally_wallet_as_of($3, $1, $2)
+"""
 
 
 class Moment(msgspec.Struct, frozen=True):
@@ -74,10 +96,15 @@ class Moment(msgspec.Struct, frozen=True):
         return self.at.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
-class AccountBalance(msgspec.Struct, frozen=True, kw_only=True):
+class AccountBalance(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A user account also states what its holds reserved then (``held``) and the rest
+    (``available``); a system account has no holds."""
+
     account: str
     asset: str
     balance: int
+    held: int | None = None
+    available: int | None = None
 
 
 class WalletAsOf(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -90,7 +117,21 @@ class WalletAsOf(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 async def balances_as_of(conn: Reader, moment: Moment) -> list[AccountBalance]:
     rows = await conn.fetch(_ALL_ACCOUNTS, moment.at, moment.position)
-    return [AccountBalance(account=r["account"], asset=r["asset"], balance=int(r["balance"])) for r in rows]
+    held = {
+        (r["account"], r["asset"]): int(r["held"])
+        for r in await conn.fetch(_HELD, moment.at, moment.position)
+    }
+    balances = []
+    for r in rows:
+        balance = int(r["balance"])
+        if r["account"].startswith("user:"):
+            reserved = held.get((r["account"], r["asset"]), 0)
+            balances.append(AccountBalance(account=r["account"], asset=r["asset"], balance=balance,
+                                           held=reserved,
+                                           available=balance - reserved))  # fmt: skip
+        else:
+            balances.append(AccountBalance(account=r["account"], asset=r["asset"], balance=balance))
+    return balances
 
 
 async def uncounted_as_of(conn: Reader, moment: Moment) -> int:
@@ -105,10 +146,14 @@ async def wallet_as_of(pool: Reader, user_id: str, moment: Moment) -> WalletAsOf
     if row is None or row["version"] == 0:
         raise WalletNotFound(f"no wallet for user {user_id} as of {moment.describe()}")
     by_asset = msgspec.json.decode(row["balances"], type=dict[str, int])
+    held = msgspec.json.decode(row["held"], type=dict[str, int])
     return WalletAsOf(
         user_id=user_id,
         as_of=moment.describe(),
         version=row["version"],
-        balances=[Balance(asset=a, balance=b) for a, b in sorted(by_asset.items())],
+        balances=[
+            Balance(asset=a, balance=b, held=held.get(a, 0), available=b - held.get(a, 0))
+            for a, b in sorted(by_asset.items())
+        ],
         uncounted_events=row["uncounted"],
     )

@@ -49,6 +49,12 @@ RECONNECT_DELAYS: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 _NOTIFY = "SELECT pg_notify($1, $2)"
 _HISTORY_AHEAD = "SELECT tally_history_ahead()"
+# How often the active projector records the expiry of holds whose expires_at has passed, and how
+# many at most per sweep (commands/sql/tally_expire_holds.sql). Nothing waits for it: a hold stops
+# holding at its expires_at whether or not its HoldExpired is recorded yet.
+EXPIRY_SWEEP_INTERVAL: Final = 5.0
+EXPIRY_SWEEP_LIMIT: Final = 500
+_EXPIRE_HOLDS = "SELECT tally_expire_holds($1)"
 _STOPPED = "SELECT name FROM projection_checkpoints WHERE error IS NOT NULL"
 _NEXT_EVENT = """
 SELECT e.global_position, e.stream_id, e.stream_version, e.event_type
@@ -169,6 +175,7 @@ class Projector:
             self._failures = 0  # back to short pauses once it works again
             last: dict[str, Position] = {}
             warned = 0.0
+            swept = 0.0
             while not stop.is_set():
                 if listener.is_closed():
                     raise asyncpg.InterfaceError("the listening connection closed")
@@ -181,6 +188,14 @@ class Projector:
                         warned = time.monotonic()
                     await _wait_any(asyncio.Event(), stop, self._poll_interval)
                     continue
+                if time.monotonic() - swept >= EXPIRY_SWEEP_INTERVAL:
+                    # Records the expiries that have passed (holds stop holding at expires_at
+                    # anyway: this only puts them in the history); the new events are projected
+                    # right below.
+                    ended = await self._pool.fetchval(_EXPIRE_HOLDS, EXPIRY_SWEEP_LIMIT)
+                    swept = time.monotonic()
+                    if ended:
+                        log.info("recorded the expiry of %d holds", ended)
                 checkpoints = await catch_up(self._pool, self._batch_size)
                 if checkpoints != last:
                     payload = msgspec.json.encode({k: v.token() for k, v in checkpoints.items()}).decode()

@@ -20,8 +20,13 @@ class AssetList(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Balance(msgspec.Struct, frozen=True, kw_only=True):
+    """``held``: what the wallet's active, unexpired holds reserve; ``available`` = balance - held,
+    what a spend, a hold or a reversal of a top-up may take."""
+
     asset: str
     balance: int
+    held: int
+    available: int
 
 
 class Wallet(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -54,6 +59,37 @@ class Transaction(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     # The name of the client that sent the command; absent on transactions recorded before callers
     # had identities.
     created_by: str | None = None
+    reverses: str | None = None  # a reversal: the transaction it reverses
+    reason: str | None = None  # a reversal's reason, when given
+    hold_id: str | None = None  # a capture: the hold it captured
+    # A transaction that is not itself a reversal, read by its id: how much of it was reversed, by
+    # which transactions (oldest first).
+    reversed_amount: int | None = None
+    reversals: list[str] | None = None
+
+
+class Hold(msgspec.Struct, frozen=True, kw_only=True):
+    """``status``: active, captured, voided or expired (an active hold past ``expires_at`` is
+    expired, whether or not its HoldExpired is recorded yet). ``remaining`` is what it still
+    reserves: 0 unless active."""
+
+    hold_id: str
+    user_id: str
+    asset: str
+    amount: int
+    captured: int
+    remaining: int
+    status: str
+    expires_at: datetime
+    reference: str | None
+    metadata: dict[str, str]
+    created_at: datetime
+    consistency_token: str
+
+
+class HoldPage(msgspec.Struct, frozen=True, kw_only=True):
+    items: list[Hold]
+    next_cursor: str | None
 
 
 class TransactionPage(msgspec.Struct, frozen=True, kw_only=True):

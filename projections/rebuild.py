@@ -31,7 +31,7 @@ import msgspec
 from projections.projector import PROJECTIONS, projection_lock_key
 
 TABLES: Final[dict[str, tuple[str, ...]]] = {
-    "wallets": ("rm_assets", "rm_wallets", "rm_balances"),
+    "wallets": ("rm_assets", "rm_wallets", "rm_balances", "rm_holds"),
     "history": ("rm_transactions", "rm_history_wallets"),
     "system": ("rm_system_balances",),
 }

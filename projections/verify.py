@@ -15,13 +15,14 @@ from __future__ import annotations
 import importlib.resources
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
-from typing import Final
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
 
 import asyncpg
 import msgspec
 
 from domain import ACCEPTED, MAX_AMOUNT, MAX_BIGINT, RECORDED_OUTCOMES
+from domain.values import MAX_HOLD_SECONDS
 from projections.anchor import Anchor, check_anchor
 
 FINDINGS_PER_CHECK: Final = 1000
@@ -87,11 +88,24 @@ IDENTITIES: Final = "0007_clients.sql"
 # The seven columns every check returns, in order.
 _FINDING_FIELDS = ("check", "detail", "stream_id", "stream_version", "global_position", "expected", "found")
 
-# Every check dispatches on the event type: a transaction event is one whose type is a flow's (the
-# flows table, written from domain/flows.py); AssetDefined and WalletOpened are the other known
-# types (projections/sql/tally_event_kind.sql); anything else is named by `unknown_event_type` and
-# is no transaction.
-_TRANSACTIONS = "events e JOIN flows f ON f.event_type = e.event_type"
+# Every check dispatches on the event type (projections/sql/tally_event_kind.sql): a transaction
+# event is one whose type is a flow's (the flows table, written from domain/flows.py), a reversal
+# (CreditsReversed) or a hold's capture (HoldCaptured, a spend); AssetDefined, WalletOpened and the
+# hold events (HoldPlaced, HoldVoided, HoldExpired) are the other known types; anything else is named
+# by `unknown_event_type` and is no transaction. `flow` is the flows row a transaction's legs must
+# follow (a capture: the spend's; a reversal: none, its legs negate the original's).
+_TRANSACTIONS = """(SELECT e.*, f AS flow FROM events e
+                      LEFT JOIN flows f ON f.event_type = e.event_type
+                                        OR (e.event_type = 'HoldCaptured' AND f.kind = 'spend')
+                     WHERE tally_event_kind(e.event_type, f.kind IS NOT NULL) = 'transaction') e"""
+# The transaction events of a projection's cut `e` (an _UP_TO), for the read-model checks.
+_IS_TRANSACTION = """tally_event_kind(e.event_type,
+                                      EXISTS (SELECT 1 FROM flows f WHERE f.event_type = e.event_type))
+                     = 'transaction'"""
+# The events that count towards a wallet's version in the read models: wallet, transaction, hold.
+_COUNTED = """tally_event_kind(u.event_type, EXISTS (SELECT 1 FROM flows f WHERE f.event_type = u.event_type))
+              IN ('wallet', 'transaction', 'hold')"""
+HOLD_EVENTS: Final = ("HoldPlaced", "HoldCaptured", "HoldVoided", "HoldExpired")
 
 
 def _whole(value: str) -> str:
@@ -138,11 +152,12 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
         "every event is of a type the ledger knows, on its kind of stream",
         f"""SELECT 'unknown_event_type', 'no rule for an event of type ' || e.event_type || ' on this stream',
                    e.stream_id, e.stream_version, e.global_position,
-                   'AssetDefined on asset:, WalletOpened or a flow''s event type on wallet:', e.event_type
+                   'AssetDefined on asset:; WalletOpened, a transaction or a hold event on wallet:',
+                   e.event_type
               FROM (SELECT e.*, tally_event_kind(e.event_type, f.kind IS NOT NULL) AS kind
                       FROM events e LEFT JOIN flows f ON f.event_type = e.event_type) e
              WHERE NOT ((e.kind = 'asset' AND e.stream_id LIKE 'asset:%')
-                     OR (e.kind IN ('wallet', 'transaction') AND e.stream_id LIKE 'wallet:%'))
+                     OR (e.kind IN ('wallet', 'transaction', 'hold') AND e.stream_id LIKE 'wallet:%'))
                 OR e.kind IS NULL
              ORDER BY e.global_position {_LIMIT}""",
     ),
@@ -178,7 +193,7 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
                    || ' do not sum to zero', e.stream_id, e.stream_version, e.global_position, '0',
                    sum(l.amount)::text
               FROM {_TRANSACTIONS}, {_LEGS}
-             GROUP BY e.global_position
+             GROUP BY e.global_position, e.stream_id, e.stream_version, e.data
             HAVING sum(l.amount) <> 0
              ORDER BY e.global_position {_LIMIT}""",
     ),
@@ -195,15 +210,58 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
     (
         "legs_do_not_match_kind",
         "every transaction is of its event type's flow and has exactly that flow's legs: the user by "
-        "the signed amount, the flow's system account by the opposite",
-        f"""SELECT 'legs_do_not_match_kind', 'this ' || e.event_type || ' is not a ' || f.kind
+        "the signed amount, the flow's system account by the opposite (a capture is a spend; reversals "
+        "are checked by reversal_legs)",
+        f"""SELECT 'legs_do_not_match_kind', 'this ' || e.event_type || ' is not a ' || (e.flow).kind
                    || ' with its flow''s legs', e.stream_id, e.stream_version, e.global_position,
-                   jsonb_build_object('kind', f.kind, 'entries', x.legs)::text,
+                   jsonb_build_object('kind', (e.flow).kind, 'entries', x.legs)::text,
                    jsonb_build_object('kind', e.data -> 'kind', 'entries', e.data -> 'entries')::text
               FROM {_TRANSACTIONS},
-                   LATERAL (SELECT tally_legs(f, substr(e.stream_id, 8), {_AMOUNT}) AS legs) x
-             WHERE e.data ->> 'kind' IS DISTINCT FROM f.kind OR e.data -> 'entries' IS DISTINCT FROM x.legs
+                   LATERAL (SELECT tally_legs(e.flow, substr(e.stream_id, 8), {_AMOUNT}) AS legs) x
+             WHERE e.event_type <> 'CreditsReversed'
+               AND (e.data ->> 'kind' IS DISTINCT FROM (e.flow).kind
+                    OR e.data -> 'entries' IS DISTINCT FROM x.legs)
              ORDER BY e.global_position {_LIMIT}""",
+    ),
+    (
+        "reversal_legs",
+        "every reversal reverses an earlier transaction of its own wallet and asset that is not itself a "
+        "reversal, with that transaction's legs negated for its amount",
+        f"""SELECT 'reversal_legs', 'reversal ' || (e.data ->> 'transaction_id') || ' of '
+                   || coalesce(e.data ->> 'reverses', '?') || CASE
+                       WHEN o.event_id IS NULL THEN ' names no earlier transaction of its wallet'
+                       WHEN o.event_type = 'CreditsReversed' THEN ' reverses a reversal'
+                       WHEN o.data ->> 'asset' IS DISTINCT FROM e.data ->> 'asset' THEN ' is of another asset'
+                       ELSE ' does not negate its legs' END,
+                   e.stream_id, e.stream_version, e.global_position,
+                   jsonb_build_object('kind', 'reversal', 'entries',
+                                      tally_reversal_legs(o.data -> 'entries', {_AMOUNT}))::text,
+                   jsonb_build_object('kind', e.data -> 'kind', 'entries', e.data -> 'entries')::text
+              FROM {_TRANSACTIONS}
+              LEFT JOIN {_TRANSACTIONS.replace(") e", ") o")}
+                ON o.event_id::text = e.data ->> 'reverses' AND o.stream_id = e.stream_id
+               AND o.stream_version < e.stream_version
+             WHERE e.event_type = 'CreditsReversed'
+               AND (o.event_id IS NULL OR o.event_type = 'CreditsReversed'
+                    OR o.data ->> 'asset' IS DISTINCT FROM e.data ->> 'asset'
+                    OR e.data ->> 'kind' IS DISTINCT FROM 'reversal'
+                    OR e.data -> 'entries'
+                       IS DISTINCT FROM tally_reversal_legs(o.data -> 'entries', {_AMOUNT}))
+             ORDER BY e.global_position {_LIMIT}""",
+    ),
+    (
+        "reversed_beyond_amount",
+        "the reversals of a transaction never add up to more than its amount",
+        f"""SELECT 'reversed_beyond_amount',
+                   'transaction ' || o.event_id || ' is reversed by more than its amount',
+                   o.stream_id, o.stream_version, o.global_position, '<= ' || (o.data ->> 'amount'),
+                   sum({_AMOUNT})::text
+              FROM {_TRANSACTIONS}
+              JOIN events o ON o.event_id::text = e.data ->> 'reverses'
+             WHERE e.event_type = 'CreditsReversed'
+             GROUP BY o.global_position
+            HAVING sum({_AMOUNT}) > {_whole("o.data -> 'amount'")}
+             ORDER BY o.global_position {_LIMIT}""",
     ),
     (
         "asset_not_zero_sum",
@@ -299,9 +357,8 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
         "the live balances read model equals the replay up to its checkpoint",
         f"""WITH replay AS (
                 SELECT substr(l.account, 6) AS user_id, e.data ->> 'asset' AS asset, sum(l.amount) AS balance
-                  FROM {_UP_TO.format(name="wallets")} e
-                  JOIN flows f ON f.event_type = e.event_type, {_LEGS}
-                 WHERE l.account LIKE 'user:%'
+                  FROM {_UP_TO.format(name="wallets")} e, {_LEGS}
+                 WHERE {_IS_TRANSACTION} AND l.account LIKE 'user:%'
                  GROUP BY 1, 2)
             SELECT 'read_model_balances', 'rm_balances of ' || coalesce(r.asset, b.asset)
                    || ' differs from the replay', 'wallet:' || coalesce(r.user_id, b.user_id),
@@ -317,8 +374,7 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
         f"""WITH upto AS {_UP_TO.format(name="wallets")},
             replay AS (SELECT substr(u.stream_id, 8) AS user_id, max(u.stream_version) AS version,
                               count(*) AS applied
-                         FROM upto u LEFT JOIN flows f ON f.event_type = u.event_type
-                        WHERE u.event_type = 'WalletOpened' OR f.kind IS NOT NULL
+                         FROM upto u WHERE {_COUNTED}
                         GROUP BY 1),
             assets AS (SELECT data ->> 'code' AS code FROM upto WHERE event_type = 'AssetDefined')
             SELECT 'read_model_wallets', 'rm_wallets version differs from the replay',
@@ -340,11 +396,10 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
         "the live history read model holds exactly the transaction events, and each wallet's count of "
         "them, up to its checkpoint",
         f"""WITH upto AS {_UP_TO.format(name="history")},
-            replay AS (SELECT u.* FROM upto u JOIN flows f ON f.event_type = u.event_type),
+            replay AS (SELECT e.* FROM upto e WHERE {_IS_TRANSACTION}),
             heads AS (SELECT substr(u.stream_id, 8) AS user_id, max(u.stream_version) AS version,
                              count(*) AS applied, bool_or(u.event_type = 'WalletOpened') AS opened
-                        FROM upto u LEFT JOIN flows f ON f.event_type = u.event_type
-                       WHERE u.event_type = 'WalletOpened' OR f.kind IS NOT NULL
+                        FROM upto u WHERE {_COUNTED}
                        GROUP BY 1)
             SELECT 'read_model_history', 'rm_transactions differs from the event', coalesce(r.stream_id,
                    'wallet:' || t.user_id), coalesce(r.stream_version, t.wallet_version), r.global_position,
@@ -360,6 +415,8 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
                 OR t.amount IS DISTINCT FROM {_whole("r.data -> 'amount'")}
                 OR t.balance_after IS DISTINCT FROM {_whole("r.data -> 'balance_after'")}
                 OR t.entries <> r.data -> 'entries' OR t.wallet_version <> r.stream_version
+                OR t.reverses::text IS DISTINCT FROM r.data ->> 'reverses'
+                OR t.hold_id::text IS DISTINCT FROM r.data ->> 'hold_id'
             UNION ALL
             SELECT 'read_model_history', 'rm_history_wallets differs from the replay',
                    'wallet:' || coalesce(h.user_id, w.user_id), NULL, NULL,
@@ -380,8 +437,8 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
                        CASE WHEN l.account LIKE 'user:%' THEN 'users'
                             ELSE substr(l.account, 8) END AS account,
                        sum(l.amount) AS balance
-                  FROM {_UP_TO.format(name="system")} e
-                  JOIN flows f ON f.event_type = e.event_type, {_LEGS}
+                  FROM {_UP_TO.format(name="system")} e, {_LEGS}
+                 WHERE {_IS_TRANSACTION}
                  GROUP BY 1, 2)
             SELECT 'read_model_system', 'rm_system_balances ' || coalesce(r.asset, s.asset) || '/'
                    || coalesce(r.account, s.account) || ' differs from the replay', NULL, NULL, NULL,
@@ -391,9 +448,42 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
              {_LIMIT}""",
     ),
     (
+        "read_model_holds",
+        "the live holds read model equals the replay of the hold events up to its checkpoint",
+        f"""WITH replay AS (
+                SELECT e.data ->> 'hold_id' AS hold_id,
+                       max({_AMOUNT}) FILTER (WHERE e.event_type = 'HoldPlaced') AS amount,
+                       coalesce(sum({_AMOUNT}) FILTER (WHERE e.event_type = 'HoldCaptured'), 0) AS captured,
+                       coalesce(sum({_whole("e.data -> 'released'")})
+                                FILTER (WHERE e.event_type <> 'HoldPlaced'), 0)
+                           AS released,
+                       coalesce(max(CASE WHEN e.event_type = 'HoldVoided' THEN 'voided'
+                                         WHEN e.event_type = 'HoldExpired' THEN 'expired'
+                                         WHEN e.event_type = 'HoldCaptured'
+                                              AND e.data ->> 'hold_remaining' = '0' THEN 'captured' END),
+                                'active') AS status
+                  FROM {_UP_TO.format(name="wallets")} e
+                 WHERE e.event_type IN ('HoldPlaced', 'HoldCaptured', 'HoldVoided', 'HoldExpired')
+                 GROUP BY 1)
+            SELECT 'read_model_holds', 'rm_holds differs from the replay of hold '
+                   || coalesce(r.hold_id, h.hold_id::text), 'wallet:' || h.user_id, NULL::bigint,
+                   NULL::bigint,
+                   coalesce(jsonb_build_object('amount', r.amount, 'captured', r.captured,
+                                               'released', r.released,
+                                               'status', r.status)::text, 'absent'),
+                   coalesce(jsonb_build_object('amount', h.amount, 'captured', h.captured,
+                                               'released', h.released,
+                                               'status', h.status)::text, 'absent')
+              FROM replay r FULL JOIN rm_holds h ON h.hold_id::text = r.hold_id
+             WHERE r.hold_id IS NULL OR h.hold_id IS NULL OR r.amount IS DISTINCT FROM h.amount
+                OR r.captured <> h.captured OR r.released <> h.released OR r.status <> h.status
+             {_LIMIT}""",
+    ),
+    (
         "command_outcome",
         "every command has a recorded domain outcome; an accepted one has exactly its event, a refused "
-        "one none; every event was caused by exactly one command",
+        "one none; every event was caused by exactly one command (a HoldExpired, by none: the expiry "
+        "sweep records it)",
         f"""SELECT 'command_outcome', 'command ' || c.command_id || ' has no outcome a command records',
                    c.stream_id, NULL::bigint, NULL::bigint, '{_OUTCOME_NAMES}', coalesce(c.outcome, 'none')
               FROM commands c WHERE c.outcome IS NULL OR c.outcome NOT IN ({_OUTCOMES})
@@ -409,9 +499,10 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
             UNION ALL
             SELECT 'command_outcome', 'event ' || e.event_id || ' was caused by '
                    || count(c.command_id) || ' commands', e.stream_id, e.stream_version, e.global_position,
-                   '1', count(c.command_id)::text
+                   CASE WHEN e.event_type = 'HoldExpired' THEN '0' ELSE '1' END, count(c.command_id)::text
               FROM events e LEFT JOIN commands c ON c.event_id = e.event_id
-             GROUP BY e.global_position HAVING count(c.command_id) <> 1
+             GROUP BY e.global_position
+            HAVING count(c.command_id) <> CASE WHEN e.event_type = 'HoldExpired' THEN 0 ELSE 1 END
             UNION ALL
             SELECT 'command_outcome', 'event metadata names another command', e.stream_id,
                    e.stream_version, e.global_position, c.command_id, e.metadata ->> 'command_id'
@@ -444,8 +535,160 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
     ),
 ]
 
+# Every event of the wallets that ever had a hold, in version order: the holds replay below.
+_HOLD_WALLET_EVENTS = """
+SELECT e.stream_id, e.stream_version, e.global_position, e.event_type, e.data::text AS data, e.recorded_at,
+       tally_event_kind(e.event_type, EXISTS (SELECT 1 FROM flows f WHERE f.event_type = e.event_type))
+           AS kind
+  FROM events e
+ WHERE e.stream_id IN (SELECT DISTINCT h.stream_id FROM events h
+                        WHERE h.event_type IN ('HoldPlaced', 'HoldCaptured', 'HoldVoided', 'HoldExpired'))
+ ORDER BY e.stream_id, e.stream_version
+"""
+HOLDS_CHECK: Final = (
+    "holds",
+    "every hold is placed once and within what was available, is captured at most its amount in all, "
+    "and nothing captures, voids or expires it after it ended, nor captures or voids it at or after its "
+    "expiry; no hold expires early; after every debit and every hold, balance - active holds >= 0",
+)
+
+
+class _Hold(msgspec.Struct):
+    asset: str
+    remaining: int
+    expires_at: datetime
+    ended: str | None = None
+
+
+class _HoldReplay:
+    """One wallet's replay, event by event: its balances and holds, and what breaks the rules."""
+
+    def __init__(self) -> None:
+        self.balances: dict[str, int] = {}
+        self.holds: dict[str, _Hold] = {}
+        self.problems: list[tuple[str, str, str]] = []  # detail, expected, found
+
+    def held(self, asset: str, at: datetime) -> int:
+        return sum(
+            h.remaining
+            for h in self.holds.values()
+            if h.asset == asset and h.ended is None and h.expires_at > at
+        )
+
+    def fail(self, detail: str, expected: object, found: object) -> None:
+        self.problems.append((detail, str(expected), str(found)))
+
+    def active(self, hold_id: str, at: datetime, what: str, *, before_expiry: bool) -> _Hold | None:
+        hold = self.holds.get(hold_id)
+        if hold is None:
+            self.fail(
+                f"{what} of hold {hold_id}, which was never placed on this wallet", "a HoldPlaced", "none"
+            )
+        elif hold.ended is not None:
+            self.fail(f"{what} of hold {hold_id} after it was {hold.ended}", "an active hold", hold.ended)
+        elif before_expiry and at >= hold.expires_at:
+            self.fail(f"{what} of hold {hold_id} at or after its expiry", f"before {hold.expires_at}", at)
+        elif not before_expiry and at < hold.expires_at:
+            self.fail(
+                f"hold {hold_id} recorded as expired before its expiry", f"at or after {hold.expires_at}", at
+            )
+        else:
+            return hold
+        return None
+
+    def apply(
+        self, event_type: str, kind: str | None, data: dict[str, Any], stream_id: str, at: datetime
+    ) -> None:
+        asset = str(data.get("asset"))
+        if kind == "transaction":
+            user = "user:" + stream_id.removeprefix("wallet:")
+            delta = sum(int(leg["amount"]) for leg in data["entries"] if leg["account"] == user)
+            self.balances[asset] = self.balances.get(asset, 0) + delta
+            if event_type == "HoldCaptured":
+                self._captured(data, at)
+            if delta < 0:
+                self._available(asset, at, f"the {event_type} leaves less than its holds reserve")
+        elif event_type == "HoldPlaced":
+            hold_id = str(data["hold_id"])
+            expires_at = datetime.fromisoformat(str(data["expires_at"]))
+            if hold_id in self.holds:
+                self.fail(f"hold {hold_id} is placed twice", "once", "twice")
+                return
+            if not at < expires_at <= at + MAX_HOLD:
+                self.fail(f"hold {hold_id} expires outside 1 s to 30 days", f"after {at}", expires_at)
+            self.holds[hold_id] = _Hold(asset=asset, remaining=int(data["amount"]), expires_at=expires_at)
+            self._available(asset, at, f"hold {hold_id} reserves more than was available")
+        elif event_type in ("HoldVoided", "HoldExpired"):
+            hold_id = str(data["hold_id"])
+            what = "a void" if event_type == "HoldVoided" else "an expiry"
+            hold = self.active(hold_id, at, what, before_expiry=event_type == "HoldVoided")
+            if hold is not None:
+                if int(data["released"]) != hold.remaining:
+                    self.fail(f"{what} of hold {hold_id} releases another amount than remained",
+                              hold.remaining,
+                              data["released"])  # fmt: skip
+                hold.remaining = 0
+                hold.ended = "voided" if event_type == "HoldVoided" else "expired"
+
+    def _captured(self, data: dict[str, Any], at: datetime) -> None:
+        hold_id = str(data["hold_id"])
+        hold = self.active(hold_id, at, "a capture", before_expiry=True)
+        if hold is None:
+            return
+        amount, released, left = int(data["amount"]), int(data["released"]), int(data["hold_remaining"])
+        if amount > hold.remaining:
+            self.fail(f"a capture of hold {hold_id} takes more than remained", f"<= {hold.remaining}", amount)
+        elif (
+            amount + released + left != hold.remaining
+            or (left and data.get("final"))
+            or (released and not data.get("final"))
+        ):
+            self.fail(f"a capture of hold {hold_id} does not account for what remained", hold.remaining,
+                      f"{amount} captured + {released} released + {left} left")  # fmt: skip
+        hold.remaining = left
+        if left == 0:
+            hold.ended = "captured"
+
+    def _available(self, asset: str, at: datetime, detail: str) -> None:
+        available = self.balances.get(asset, 0) - self.held(asset, at)
+        if available < 0:
+            self.fail(f"available {asset} went below zero: {detail}", ">= 0", available)
+
+
+MAX_HOLD: Final = timedelta(seconds=MAX_HOLD_SECONDS)
+
+
+async def _hold_findings(conn: asyncpg.Connection) -> list[Finding]:
+    """Replays every wallet that ever had a hold (the others' available balance is their balance,
+    which negative_balance checks), streaming its events in version order."""
+    findings: list[Finding] = []
+    replay, current = _HoldReplay(), None
+    async for row in conn.cursor(_HOLD_WALLET_EVENTS, prefetch=2000):
+        if row["stream_id"] != current:
+            replay, current = _HoldReplay(), row["stream_id"]
+        before = len(replay.problems)
+        try:
+            data = msgspec.json.decode(row["data"])
+            replay.apply(row["event_type"], row["kind"], data, row["stream_id"], row["recorded_at"])
+        except (KeyError, TypeError, ValueError, msgspec.DecodeError) as exc:
+            replay.fail(
+                f"the {row['event_type']} cannot be replayed: {exc!r}",
+                "well-formed fields",
+                row["data"][:200],
+            )
+        findings.extend(
+            Finding(check="holds", detail=detail, stream_id=row["stream_id"],
+                    stream_version=row["stream_version"],
+                    global_position=row["global_position"], expected=expected, found=found)
+            for detail, expected, found in replay.problems[before:]
+        )  # fmt: skip
+        if len(findings) > FINDINGS_PER_CHECK:
+            break
+    return findings
+
+
 _LOCK_READ_MODELS = (
-    "LOCK TABLE projection_checkpoints, rm_assets, rm_wallets, rm_balances, rm_transactions, "
+    "LOCK TABLE projection_checkpoints, rm_assets, rm_wallets, rm_balances, rm_holds, rm_transactions, "
     "rm_history_wallets, rm_system_balances IN ACCESS SHARE MODE"
 )
 _TOTALS = """
@@ -498,6 +741,18 @@ async def verify(
                 )
             )
             findings.extend(Finding(**dict(zip(_FINDING_FIELDS, r, strict=True))) for r in rows)
+        check_clock = time.perf_counter()
+        holds = await _hold_findings(conn)
+        results.append(
+            CheckResult(
+                name=HOLDS_CHECK[0],
+                description=HOLDS_CHECK[1],
+                findings=min(len(holds), FINDINGS_PER_CHECK),
+                truncated=len(holds) > FINDINGS_PER_CHECK,
+                seconds=round(time.perf_counter() - check_clock, 3),
+            )
+        )
+        findings.extend(holds[:FINDINGS_PER_CHECK])
         for label, anchor in anchors:
             check_clock = time.perf_counter()
             problems = await check_anchor(conn, anchor, anchor_key)

@@ -36,7 +36,8 @@
 --   batches). The existence checks read what is committed, unlocked: a wallet opened while a batch
 --   runs may be seen or not. Streams are never removed, so a wallet seen stays there until commit.
 -- * insufficient_funds and version_mismatch are decisions on the ledger's state: recorded and
---   replayed like a success. A user's balance never goes below zero.
+--   replayed like a success. A user's balance never goes below zero, and a spend never takes what
+--   the wallet's active holds reserve (tally_held): available = balance - held stays >= 0.
 -- * Only the user's wallet row is locked: the system legs (treasury, bonus, revenue) ride in the
 --   user's event and are totalled by the projections; system accounts have no floor, so no command
 --   ever queues on a hot system row.
@@ -95,6 +96,7 @@ DECLARE
     v_now timestamptz;
     v_writer xid8;                                      -- this transaction's, once it appends
     v_balance numeric;
+    v_held numeric;
     v_after numeric;
     v_data jsonb;
     v_event record;
@@ -202,17 +204,23 @@ BEGIN
         v_event_id := NULL;
         v_balance := coalesce((v_stream.state -> 'balances' ->> r.asset)::numeric, 0);
         v_after := v_balance + (r.flow).user_sign * r.amount;
+        -- What the wallet's active holds reserve is not available to a flow that takes credits.
+        v_held := CASE WHEN (r.flow).user_sign < 0 THEN tally_held(v_stream.state, r.asset, v_now) ELSE 0 END;
         IF r.expected_version IS NOT NULL AND v_stream.version <> r.expected_version THEN
             o_outcome[r.i] := 'version_mismatch';
             v_body := tally_rejection('version_mismatch',
                 format('wallet %s is at version %s, not %s', r.user_id, v_stream.version, r.expected_version),
                 jsonb_build_object('current_version', v_stream.version));
-        ELSIF v_after < 0 THEN
+        ELSIF v_after - v_held < 0 THEN
             o_outcome[r.i] := 'insufficient_funds';
             v_body := tally_rejection('insufficient_funds',
-                format('wallet %s holds %s %s, less than the %s requested', r.user_id, v_balance, r.asset,
-                       r.amount),
-                jsonb_build_object('balance', v_balance, 'amount', r.amount));
+                CASE WHEN v_held = 0
+                     THEN format('wallet %s holds %s %s, less than the %s requested', r.user_id, v_balance,
+                                 r.asset, r.amount)
+                     ELSE format('wallet %s has %s %s available (%s held), less than the %s requested',
+                                 r.user_id, v_balance - v_held, r.asset, v_held, r.amount) END,
+                jsonb_build_object('balance', v_balance, 'held', v_held, 'available', v_balance - v_held,
+                                   'amount', r.amount));
         ELSE
             o_outcome[r.i] := 'accepted';
             v_event_id := gen_random_uuid();

@@ -2,8 +2,9 @@
 -- version) and rm_history_wallets (per wallet: the greatest version applied, how many of its events
 -- were applied, whether it was opened). A history read is complete when `events_applied` equals
 -- `version`: it never has to assume which versions are transactions. Dispatches on the event's
--- kind (tally_event_kind): wallet and transaction events count; a transaction event also gets its
--- row; an asset event has nothing here; an event of no known kind stops the projection.
+-- kind (tally_event_kind): wallet, transaction and hold events count; a transaction event (a
+-- reversal and a hold's capture too, with what they reverse or capture) also gets its row; an
+-- asset event has nothing here; an event of no known kind stops the projection.
 CREATE OR REPLACE FUNCTION tally_project_history(p_limit int)
 RETURNS TABLE (applied int, last_xid text, last_position bigint) LANGUAGE plpgsql AS $$
 DECLARE
@@ -21,17 +22,18 @@ BEGIN
     ), history AS (
         INSERT INTO rm_transactions (transaction_id, user_id, wallet_version, kind, asset, amount,
                                      entries, reference, metadata, balance_after, created_at,
-                                     consistency_token, created_by)
+                                     consistency_token, created_by, reverses, hold_id, reason)
         SELECT event_id, data ->> 'user_id', stream_version, data ->> 'kind', data ->> 'asset',
                (data ->> 'amount')::bigint, data -> 'entries', data ->> 'reference',
                data -> 'metadata', (data ->> 'balance_after')::numeric, recorded_at,
-               writer_xid::text || '.' || global_position::text, metadata ->> 'created_by'
+               writer_xid::text || '.' || global_position::text, metadata ->> 'created_by',
+               (data ->> 'reverses')::uuid, (data ->> 'hold_id')::uuid, data ->> 'reason'
           FROM batch WHERE kind = 'transaction'
         ON CONFLICT (transaction_id) DO NOTHING
     ), heads AS (
         INSERT INTO rm_history_wallets (user_id, version, events_applied, opened)
         SELECT substr(stream_id, 8), max(stream_version), count(*), bool_or(event_type = 'WalletOpened')
-          FROM batch WHERE kind IN ('wallet', 'transaction')
+          FROM batch WHERE kind IN ('wallet', 'transaction', 'hold')
          GROUP BY stream_id
         ON CONFLICT (user_id) DO UPDATE
            SET version = greatest(rm_history_wallets.version, excluded.version),

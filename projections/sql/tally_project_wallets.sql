@@ -1,9 +1,11 @@
--- Projection `wallets`: rm_assets, rm_wallets and rm_balances, one batch per call, its checkpoint
--- advanced in the same transaction. Dispatches on the event's kind (tally_event_kind): an asset
--- event defines an asset; a wallet event opens a wallet; a transaction event adds its user legs to
--- the balances; both count towards the wallet's version and `events_applied` (a wallet is complete
--- when it has applied `version` events; queries wait out a gap). An event of no known kind stops
--- the projection (tally_refuse_event).
+-- Projection `wallets`: rm_assets, rm_wallets, rm_balances and rm_holds, one batch per call, its
+-- checkpoint advanced in the same transaction. Dispatches on the event's kind (tally_event_kind):
+-- an asset event defines an asset; a wallet event opens a wallet; a transaction event adds its user
+-- legs to the balances; a hold event (and a HoldCaptured, also a transaction) moves its hold's row;
+-- all three count towards the wallet's version and `events_applied` (a wallet is complete when it
+-- has applied `version` events; queries wait out a gap). An event of no known kind stops the
+-- projection (tally_refuse_event). Events of one wallet may come out of version order, so every
+-- update commutes: sums, and the one event that ends a hold setting its status.
 CREATE OR REPLACE FUNCTION tally_project_wallets(p_limit int)
 RETURNS TABLE (applied int, last_xid text, last_position bigint) LANGUAGE plpgsql AS $$
 DECLARE
@@ -29,7 +31,7 @@ BEGIN
         SELECT substr(stream_id, 8), max(stream_version), count(*),
                (array_agg(data -> 'metadata') FILTER (WHERE event_type = 'WalletOpened'))[1],
                min(recorded_at) FILTER (WHERE event_type = 'WalletOpened')
-          FROM batch WHERE kind IN ('wallet', 'transaction')
+          FROM batch WHERE kind IN ('wallet', 'transaction', 'hold')
          GROUP BY stream_id
         ON CONFLICT (user_id) DO UPDATE
            SET version = greatest(rm_wallets.version, excluded.version),
@@ -43,6 +45,45 @@ BEGIN
          WHERE b.kind = 'transaction' AND leg.account LIKE 'user:%'
          GROUP BY 1, 2
         ON CONFLICT (user_id, asset) DO UPDATE SET balance = rm_balances.balance + excluded.balance
+    ), hold_events AS (
+        SELECT (data ->> 'hold_id')::uuid AS hold_id, max(substr(stream_id, 8)) AS user_id,
+               max(data ->> 'asset') AS asset,
+               max((data ->> 'amount')::bigint) FILTER (WHERE event_type = 'HoldPlaced') AS amount,
+               coalesce(sum((data ->> 'amount')::bigint) FILTER (WHERE event_type = 'HoldCaptured'), 0) AS captured,
+               coalesce(sum((data ->> 'released')::bigint) FILTER (WHERE event_type <> 'HoldPlaced'), 0) AS released,
+               max(CASE WHEN event_type = 'HoldVoided' THEN 'voided'
+                        WHEN event_type = 'HoldExpired' THEN 'expired'
+                        WHEN event_type = 'HoldCaptured' AND (data ->> 'hold_remaining')::bigint = 0 THEN 'captured'
+                   END) AS status,
+               max((data ->> 'expires_at')::timestamptz) FILTER (WHERE event_type = 'HoldPlaced') AS expires_at,
+               max(data ->> 'reference') FILTER (WHERE event_type = 'HoldPlaced') AS reference,
+               (array_agg(data -> 'metadata') FILTER (WHERE event_type = 'HoldPlaced'))[1] AS metadata,
+               max(stream_version) FILTER (WHERE event_type = 'HoldPlaced') AS wallet_version,
+               max(recorded_at) FILTER (WHERE event_type = 'HoldPlaced') AS created_at,
+               max(recorded_at) FILTER (WHERE event_type IN ('HoldVoided', 'HoldExpired')
+                                           OR (data ->> 'hold_remaining')::bigint = 0) AS ended_at,
+               max(writer_xid::text || '.' || global_position::text) FILTER (WHERE event_type = 'HoldPlaced')
+                   AS consistency_token
+          FROM batch WHERE event_type IN ('HoldPlaced', 'HoldCaptured', 'HoldVoided', 'HoldExpired')
+         GROUP BY 1
+    ), holds AS (
+        INSERT INTO rm_holds (hold_id, user_id, asset, amount, captured, released, status, expires_at, reference,
+                              metadata, wallet_version, created_at, ended_at, consistency_token)
+        SELECT hold_id, user_id, asset, amount, captured, released, coalesce(status, 'active'), expires_at,
+               reference, metadata, wallet_version, created_at, ended_at, consistency_token
+          FROM hold_events
+        ON CONFLICT (hold_id) DO UPDATE
+           SET amount = coalesce(rm_holds.amount, excluded.amount),
+               captured = rm_holds.captured + excluded.captured,
+               released = rm_holds.released + excluded.released,
+               status = CASE WHEN excluded.status = 'active' THEN rm_holds.status ELSE excluded.status END,
+               expires_at = coalesce(rm_holds.expires_at, excluded.expires_at),
+               reference = coalesce(rm_holds.reference, excluded.reference),
+               metadata = coalesce(rm_holds.metadata, excluded.metadata),
+               wallet_version = coalesce(rm_holds.wallet_version, excluded.wallet_version),
+               created_at = coalesce(rm_holds.created_at, excluded.created_at),
+               ended_at = coalesce(rm_holds.ended_at, excluded.ended_at),
+               consistency_token = coalesce(rm_holds.consistency_token, excluded.consistency_token)
     )
     SELECT count(*)::int,
            (array_agg(writer_xid ORDER BY writer_xid DESC, global_position DESC))[1],

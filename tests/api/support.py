@@ -159,6 +159,11 @@ async def spend(client: Client, user_id: str, amount: int, asset: str = "GOLD", 
     return await move(client, "spends", user_id, amount, asset, **extra)
 
 
+def as_read(transaction: dict[str, Any]) -> dict[str, Any]:
+    """A command's transaction as GET /v1/transactions/{id} shows it while nothing reversed it."""
+    return {**transaction, "reversed_amount": 0, "reversals": []}
+
+
 async def sync_token(client: Client) -> str:
     """A token committed after everything before it: reading with it sees all earlier commands
     (a harmless new wallet nobody looks at)."""

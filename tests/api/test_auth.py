@@ -37,7 +37,7 @@ from tests.helpers import TEST_CLIENT_ID, api_client
 
 # Routes a caller reaches without a key.
 OPEN = {"/health/live", "/health/ready"}
-PATH_VALUES = {"user_id": "alice", "transaction_id": str(uuid.uuid4())}
+PATH_VALUES = {"user_id": "alice", "transaction_id": str(uuid.uuid4()), "hold_id": str(uuid.uuid4())}
 BODIES = {
     "/v1/assets": {"code": "GOLD", "name": "Gold", "decimals": 0},
     "/v1/wallets": {"user_id": "alice"},

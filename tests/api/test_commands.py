@@ -149,7 +149,7 @@ async def test_credit_flows_move_from_a_system_account_to_the_user(
     _timestamp(body["created_at"])
 
     wallet = await get_json(client, "/v1/wallets/alice", body["consistency_token"])
-    assert wallet["balances"] == [{"asset": "GOLD", "balance": 250}]
+    assert wallet["balances"] == [{"asset": "GOLD", "balance": 250, "held": 0, "available": 250}]
     assert wallet["version"] == 2
 
 
@@ -172,7 +172,7 @@ async def test_spend_moves_from_the_user_to_revenue(client: Client) -> None:
     assert body["wallet_version"] == 3
 
     wallet = await get_json(client, "/v1/wallets/alice", body["consistency_token"])
-    assert wallet["balances"] == [{"asset": "GOLD", "balance": 700}]
+    assert wallet["balances"] == [{"asset": "GOLD", "balance": 700, "held": 0, "available": 700}]
 
 
 async def test_transaction_defaults(client: Client) -> None:
@@ -191,7 +191,7 @@ async def test_spending_the_whole_balance_leaves_zero(client: Client) -> None:
     body = await spend(client, "alice", 42)
     assert body["balance_after"] == 0
     wallet = await get_json(client, "/v1/wallets/alice", body["consistency_token"])
-    assert wallet["balances"] == [{"asset": "GOLD", "balance": 0}]
+    assert wallet["balances"] == [{"asset": "GOLD", "balance": 0, "held": 0, "available": 0}]
     assert wallet["version"] == 4
 
 
@@ -205,7 +205,9 @@ async def test_amount_boundaries_are_accepted(client: Client) -> None:
     last = await spend(client, "whale", 1)
     assert last["balance_after"] == 2 * MAX_AMOUNT - 1
     wallet = await get_json(client, "/v1/wallets/whale", last["consistency_token"])
-    assert wallet["balances"] == [{"asset": "GOLD", "balance": 2 * MAX_AMOUNT - 1}]
+    assert wallet["balances"] == [
+        {"asset": "GOLD", "balance": 2 * MAX_AMOUNT - 1, "held": 0, "available": 2 * MAX_AMOUNT - 1}
+    ]
 
 
 async def test_balances_are_kept_per_asset(client: Client) -> None:
@@ -218,8 +220,8 @@ async def test_balances_are_kept_per_asset(client: Client) -> None:
     assert last["balance_after"] == 4
     wallet = await get_json(client, "/v1/wallets/alice", last["consistency_token"])
     assert wallet["balances"] == [
-        {"asset": "GEMS", "balance": 4},
-        {"asset": "GOLD", "balance": 100},
+        {"asset": "GEMS", "balance": 4, "held": 0, "available": 4},
+        {"asset": "GOLD", "balance": 100, "held": 0, "available": 100},
     ]
     assert wallet["version"] == 4
 
@@ -308,4 +310,4 @@ async def test_if_match_follows_each_new_version(client: Client) -> None:
         "/v1/wallets/alice", params={"consistent_with": response.json()["consistency_token"]}
     )
     assert wallet.headers["etag"] == '"4"'
-    assert wallet.json()["balances"] == [{"asset": "GOLD", "balance": 15}]
+    assert wallet.json()["balances"] == [{"asset": "GOLD", "balance": 15, "held": 0, "available": 15}]

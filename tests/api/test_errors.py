@@ -531,7 +531,9 @@ async def test_as_of_at_the_ends_of_time_is_answered(funded: Client) -> None:
     for after_everything in ("9999-12-31T23:59:59-14:00", "9999-12-31T23:59:59.999999", str(2**63 - 1)):
         response = await get(client, "/v1/wallets/alice", as_of=after_everything)
         assert response.status_code == 200, response.text
-        assert response.json()["balances"] == [{"asset": "GOLD", "balance": 1000}]
+        assert response.json()["balances"] == [
+            {"asset": "GOLD", "balance": 1000, "held": 0, "available": 1000}
+        ]
     for nonsense in (str(2**63), "-1", "1e3", "\u0661", "2024-13-01", "now"):
         response = await get(client, "/v1/wallets/alice", as_of=nonsense)
         assert_problem(response, 400, "invalid_request")

@@ -213,6 +213,7 @@ async def seeded(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[None]:
             created(await post(client, f"/v1/wallets/{user}/{flow}", body, key=key))
             for user, flow, body, key in SEED_MOVES
         ]
+        hold = created(await post(client, "/v1/wallets/alice/holds", {"asset": "GOLD", "amount": 1}))
     # Every seeded row in the read models before the first fuzzed request, so queries find them.
     await projected(pool)
     alice = [move for move in moves if move["user_id"] == "alice"]
@@ -222,6 +223,7 @@ async def seeded(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[None]:
             "path.user_id": users,
             "body.user_id": users,
             "path.transaction_id": [move["transaction_id"] for move in moves],
+            "path.hold_id": [hold["hold_id"]],
             "query.consistent_with": [opened["consistency_token"], moves[-1]["consistency_token"]],
             # The next page's cursor after alice's newest transaction.
             "query.cursor": [encode_cursor(alice[-1]["wallet_version"])],
@@ -261,7 +263,11 @@ def _valid_case(
     """A request to the operation that is valid but for ``value`` as its parameter ``name``: for
     alice, or a seeded transaction, and for a command, a top-up, bonus or spend of 1 GOLD (the
     only commands with a parameter that has edge values)."""
-    real = {"user_id": "alice", "transaction_id": SEEDED["path.transaction_id"][0]}
+    real = {
+        "user_id": "alice",
+        "transaction_id": SEEDED["path.transaction_id"][0],
+        "hold_id": SEEDED["path.hold_id"][0],
+    }  # fmt: skip
     values: dict[str, dict[str, Any]] = {
         "path": {key: real[key] for key in real if f"{{{key}}}" in path},
         "query": {},

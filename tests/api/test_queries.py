@@ -12,6 +12,7 @@ from api.settings import Settings
 from projections.positions import Position
 from tests.api.support import (
     Client,
+    as_read,
     assert_problem,
     bonus,
     define_asset,
@@ -62,7 +63,10 @@ async def test_get_wallet_returns_balances_version_and_etag(client: Client) -> N
     assert set(body) == {"user_id", "version", "balances", "metadata", "created_at"}
     assert body["user_id"] == "alice"
     assert body["version"] == 4
-    assert body["balances"] == [{"asset": "GEMS", "balance": 30}, {"asset": "GOLD", "balance": 380}]
+    assert body["balances"] == [
+        {"asset": "GEMS", "balance": 30, "held": 0, "available": 30},
+        {"asset": "GOLD", "balance": 380, "held": 0, "available": 380},
+    ]
     assert body["metadata"] == {"tier": "gold", "country": "NL"}
     assert body["created_at"] == opened["created_at"]
 
@@ -89,8 +93,8 @@ async def test_wallets_are_independent(client: Client) -> None:
     last = await top_up(client, "bob", 20)
     alice = await get_json(client, "/v1/wallets/alice", last["consistency_token"])
     bob = await get_json(client, "/v1/wallets/bob", last["consistency_token"])
-    assert alice["balances"] == [{"asset": "GOLD", "balance": 10}]
-    assert bob["balances"] == [{"asset": "GOLD", "balance": 20}]
+    assert alice["balances"] == [{"asset": "GOLD", "balance": 10, "held": 0, "available": 10}]
+    assert bob["balances"] == [{"asset": "GOLD", "balance": 20, "held": 0, "available": 20}]
     assert (alice["version"], bob["version"]) == (2, 2)
 
 
@@ -108,7 +112,7 @@ async def test_get_transaction_returns_what_the_command_returned(client: Client)
     for tx in posted:
         response = await get(client, f"/v1/transactions/{tx['transaction_id']}", tx["consistency_token"])
         assert response.status_code == 200
-        assert response.json() == tx
+        assert response.json() == as_read(tx)
 
 
 async def test_get_transaction_accepts_an_uppercase_uuid(client: Client) -> None:
@@ -331,10 +335,12 @@ async def test_every_query_reflects_the_command_whose_token_it_carries(client: C
         token = tx["consistency_token"]
         wallet = await get_json(client, "/v1/wallets/alice", token)
         assert wallet["version"] == tx["wallet_version"]
-        assert wallet["balances"] == [{"asset": "GOLD", "balance": tx["balance_after"]}]
+        assert wallet["balances"] == [
+            {"asset": "GOLD", "balance": tx["balance_after"], "held": 0, "available": tx["balance_after"]}
+        ]
         history = await get_json(client, "/v1/wallets/alice/transactions", token, limit=1)
         assert history["items"] == [tx]
-        assert await get_json(client, f"/v1/transactions/{tx['transaction_id']}", token) == tx
+        assert await get_json(client, f"/v1/transactions/{tx['transaction_id']}", token) == as_read(tx)
         system = await get_json(client, "/v1/system/balances", token)
         assert system["balances"][0]["users"] == tx["balance_after"]
 
@@ -358,10 +364,10 @@ async def test_each_query_waits_for_every_projection_it_reads(db_url: str, pool:
             "/v1/assets": ("wallets", lambda body: [a["code"] for a in body["items"]] == ["GOLD"]),
             "/v1/wallets/alice": (
                 "wallets",
-                lambda body: body["balances"] == [{"asset": "GOLD", "balance": 7}],
+                lambda body: body["balances"] == [{"asset": "GOLD", "balance": 7, "held": 0, "available": 7}],
             ),
             "/v1/wallets/alice/transactions": ("history", lambda body: body["items"] == [tx]),
-            f"/v1/transactions/{tx['transaction_id']}": ("history", lambda body: body == tx),
+            f"/v1/transactions/{tx['transaction_id']}": ("history", lambda body: body == as_read(tx)),
             "/v1/system/balances": ("system", lambda body: body["balances"][0]["users"] == 7),
         }
         applied: set[str] = set()
@@ -382,7 +388,7 @@ async def test_an_older_token_is_already_satisfied(client: Client) -> None:
     last = await top_up(client, "alice", 9)
     await get_json(client, "/v1/wallets/alice", last["consistency_token"])
     wallet = await get_json(client, "/v1/wallets/alice", opened["consistency_token"])
-    assert wallet["balances"] == [{"asset": "GOLD", "balance": 9}]
+    assert wallet["balances"] == [{"asset": "GOLD", "balance": 9, "held": 0, "available": 9}]
 
 
 # --- OpenAPI ---------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ async def test_api_wallet_as_of(client: AsyncTestClient) -> None:  # type: ignor
     position = str(first["consistency_token"]).split(".")[1]
     then = await client.get("/v1/wallets/ann", params={"as_of": position})
     assert then.status_code == 200
-    assert then.json()["balances"] == [{"asset": "GOLD", "balance": 100}]
+    assert then.json()["balances"] == [{"asset": "GOLD", "balance": 100, "held": 0, "available": 100}]
     assert then.json()["version"] == 2
     before_it_existed = await client.get("/v1/wallets/ann", params={"as_of": "2000-01-01T00:00:00Z"})
     assert before_it_existed.status_code == 404

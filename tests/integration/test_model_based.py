@@ -30,15 +30,23 @@ import uuid
 from typing import Any, ClassVar
 
 import asyncpg
+import msgspec
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 
 from commands import CommandContext, CommandRecord, EventStore, handle
-from domain import FLOWS, FLOWS_BY_KIND, OpenWallet
+from commands.event_store import (
+    _CAPTURE_HOLD,
+    _PLACE_HOLD,
+    _POST_TRANSACTIONS,
+    _REVERSE_TRANSACTION,
+    _VOID_HOLD,
+)
+from domain import FLOWS, FLOWS_BY_KIND, CaptureHold, OpenWallet, PlaceHold, ReverseTransaction, VoidHold
 from tests.helpers import TEST_CLIENT_ID, define_asset, lock_waits, run_batch
 from tests.helpers import ctx as helper_ctx
-from tests.model import Command, Ledger, Outcome
+from tests.model import Command, Ledger, Lifecycle, Outcome, Wallet
 
 USERS = ("ann", "ben", "cat")
 NEVER_OPENED = "zed"
@@ -238,3 +246,154 @@ def test_the_sql_decider_agrees_with_the_model_under_concurrent_batches(db_url: 
     # The interesting case was common: in many steps, several of the batches that started together
     # (seen at the gate) wrote, each in a transaction of its own.
     assert LedgerMachine.concurrent_steps >= 10
+
+
+# --- the purchase lifecycle ------------------------------------------------------------------
+# Reversals and holds against tests/model.py's Lifecycle: each step sends two or three commands at
+# once (top-ups, spends, holds, captures, voids, reversals of what earlier steps made, and now and
+# then an id that names nothing), each on its own connection in its own transaction, released
+# together from the gate; the model must explain the answers in some serial order. Then the
+# wallets' balances, versions and held amounts must be the model's, and a command sent again
+# under its key must replay its first answer, byte for byte.
+
+ops = st.fixed_dictionaries({
+    "op": st.sampled_from(("top_up", "spend", "hold", "hold", "capture", "capture", "void", "reverse", "reverse")),
+    "user": st.sampled_from(USERS[:2]),
+    "amount": st.one_of(st.none(), st.integers(min_value=1, max_value=120)),
+    "final": st.booleans(),
+    "pick": st.integers(min_value=0, max_value=50),  # which earlier transaction or hold (or none)
+})  # fmt: skip
+
+
+class LifecycleMachine(RuleBasedStateMachine):
+    db_url: ClassVar[str]
+    concurrent_steps = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.pool = self.loop.run_until_complete(_open_pool(self.db_url))
+        self.ns = uuid.uuid4().hex[:8]
+        self.model = Lifecycle()
+        self.sent: list[tuple[str, str, str]] = []  # (sql, payload, first body) of accepted commands
+
+    def teardown(self) -> None:
+        self.loop.run_until_complete(self.pool.close())
+        self.loop.close()
+
+    @initialize()
+    def open_and_fund(self) -> None:
+        for user in USERS[:2]:
+            user_id = f"{self.ns}-{user}"
+            ctx = helper_ctx(f"{self.ns}-open-{user}", "open")
+            self.loop.run_until_complete(handle(EventStore(self.pool), OpenWallet(user_id=user_id), ctx))
+            self.model.wallets[user_id] = Wallet()
+            self.run_concurrently([{"op": "top_up", "user": user, "amount": 300, "final": True, "pick": 0}])
+
+    def _resolve(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """The operation with its user, and the earlier transaction or hold it names (or a new id)."""
+        op = {"op": spec["op"], "user_id": f"{self.ns}-{spec['user']}", "asset": "GOLD", "final": spec["final"]}
+        op["amount"] = spec["amount"] if spec["amount"] is not None or spec["op"] in ("capture", "reverse") else 50
+        known = sorted(self.model.transactions if spec["op"] == "reverse" else self.model.holds)
+        chosen = known[spec["pick"] % len(known)] if known and spec["pick"] < 48 else str(uuid.uuid4())
+        op["target" if spec["op"] == "reverse" else "hold_id"] = chosen
+        return op
+
+    @rule(specs=st.lists(ops, min_size=2, max_size=3))
+    def run_concurrently(self, specs: list[dict[str, Any]]) -> None:
+        resolved = [self._resolve(spec) for spec in specs]
+        calls = [_lifecycle_call(op) for op in resolved]
+        rows = self.loop.run_until_complete(self._send_at_once(calls))
+        answers = [json.loads(row["body"]) for row in rows]
+        for order in itertools.permutations(range(len(resolved))):
+            trial = self.model.copy()
+            predicted = {i: trial.decide(resolved[i], answers[i]) for i in order}
+            if all(_agree([predicted[i]], [rows[i]]) for i in range(len(resolved))):
+                self.model = trial
+                break
+        else:
+            raise AssertionError(f"no serial order explains the answers: {resolved} -> {[dict(r) for r in rows]}")
+        for (sql, payload), row in zip(calls, rows, strict=True):
+            if row["outcome"] == "accepted":
+                self.sent.append((sql, payload, row["body"]))
+        if sum(row["outcome"] == "accepted" for row in rows) > 1:
+            LifecycleMachine.concurrent_steps += 1
+        self.loop.run_until_complete(self._check_wallets())
+
+    @rule(pick=st.integers(min_value=0, max_value=10**6))
+    def send_again(self, pick: int) -> None:
+        if not self.sent:
+            return
+        sql, payload, body = self.sent[pick % len(self.sent)]
+        row = self.loop.run_until_complete(self._send_at_once([(sql, payload)]))[0]
+        assert (row["outcome"], row["replayed"], row["body"]) == ("accepted", True, body)
+
+    async def _send_at_once(self, calls: list[tuple[str, str]]) -> list[asyncpg.Record]:
+        async with self.pool.acquire() as gate:
+            await gate.execute(_CLOSE_GATE)
+            gate_pid = await gate.fetchval("SELECT pg_backend_pid()")
+            try:
+                racing = [asyncio.create_task(self._send(sql, payload)) for sql, payload in calls]
+                await lock_waits(
+                    self.pool, lambda waits: sum(gate_pid in w["blockers"] for w in waits) == len(calls)
+                )
+            finally:
+                await gate.execute(_OPEN_GATE)
+        return await asyncio.gather(*racing)
+
+    async def _send(self, sql: str, payload: str) -> asyncpg.Record:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(_PASS_GATE)
+            if sql == _POST_TRANSACTIONS:
+                [row] = await conn.fetch(sql, payload, 60_000)
+                return row
+            row = await conn.fetchrow(sql, payload)
+            assert row is not None
+            return row
+
+    async def _check_wallets(self) -> None:
+        for row in await self.pool.fetch(_HELD, f"wallet:{self.ns}-%"):
+            user_id = row["stream_id"].removeprefix("wallet:")
+            wallet = self.model.wallets[user_id]
+            balances = json.loads(row["state"])["balances"]
+            assert (row["version"], balances) == (wallet.version, wallet.balances), user_id
+            assert row["held"] == self.model.held(user_id, "GOLD"), user_id
+
+
+_HELD = """
+SELECT stream_id, version, state, tally_held(state, 'GOLD', now()) AS held
+  FROM streams WHERE stream_type = 'wallet' AND stream_id LIKE $1
+"""
+
+
+def _lifecycle_call(op: dict[str, Any]) -> tuple[str, str]:
+    """The SQL and the command record of one operation, under a fresh key."""
+    command: Any
+    if op["op"] in ("top_up", "spend"):
+        command = FLOWS_BY_KIND[op["op"]].command(user_id=op["user_id"], asset="GOLD", amount=op["amount"])
+        return _POST_TRANSACTIONS, msgspec.json.encode([CommandRecord.of(helper_ctx(), command)]).decode()
+    if op["op"] == "hold":
+        sql, command = _PLACE_HOLD, PlaceHold(user_id=op["user_id"], asset="GOLD", amount=op["amount"])
+    elif op["op"] == "capture":
+        sql, command = _CAPTURE_HOLD, CaptureHold(hold_id=op["hold_id"], amount=op["amount"], final=op["final"])
+    elif op["op"] == "void":
+        sql, command = _VOID_HOLD, VoidHold(hold_id=op["hold_id"])
+    else:
+        sql, command = _REVERSE_TRANSACTION, ReverseTransaction(transaction_id=op["target"], amount=op["amount"])
+    return sql, msgspec.json.encode(CommandRecord.of(helper_ctx(), command)).decode()
+
+
+def test_the_lifecycle_agrees_with_the_model_under_concurrent_commands(db_url: str) -> None:
+    asyncio.run(_define_assets(db_url))
+    machine = type("Machine", (LifecycleMachine,), {"db_url": db_url})
+    LifecycleMachine.concurrent_steps = 0
+    run_state_machine_as_test(
+        machine,
+        settings=settings(
+            max_examples=40,
+            stateful_step_count=10,
+            deadline=None,
+            suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+        ),
+    )
+    assert LifecycleMachine.concurrent_steps >= 10

@@ -80,7 +80,7 @@ def test_stored_events_decode_into_their_classes() -> None:
 
 def test_decoding_is_strict() -> None:
     with pytest.raises(UnknownEventType):
-        decode_event("HoldPlaced", "{}")
+        decode_event("WalletFrozen", "{}")
     with pytest.raises(msgspec.ValidationError):  # a field the class does not know
         decode_event("WalletOpened", '{"user_id": "u", "metadata": {}, "extra": 1}')
     with pytest.raises(msgspec.ValidationError):  # a field it needs
