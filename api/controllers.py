@@ -30,7 +30,7 @@ from api.dto import (
     StrictBody,
     VoidRequest,
 )
-from api.errors import IdempotencyKeyMissing, InvalidRequest, decode_strict
+from api.errors import IdempotencyKeyMissing, InvalidRequest
 from api.observability import COMMANDS, REQUEST_ID
 from api.ratelimit import ReadLimiter
 from api.settings import Settings
@@ -557,8 +557,10 @@ class HoldController(Controller):
     @post(
         "/{hold_id:str}/void",
         status_code=200,
-        summary='Void a hold: release what remains of it (optional body: {"reason": "..."}, <= 200 chars)',
+        summary="Void a hold: release what remains of it (the body is optional)",
         responses=_problems(400, 404, 409, 422),
+        dto=StrictBody[VoidRequest],
+        return_dto=None,
         **scoped("holds:write"),
     )
     async def void_hold(
@@ -566,10 +568,10 @@ class HoldController(Controller):
         request: Request[Any, Any, Any],
         hold_id: HoldIdPath,
         store: Store,
+        data: JSONBody[VoidRequest | None] = None,
         idempotency_key: IdempotencyKey = None,
     ) -> Response[Hold]:
-        raw = await request.body()
-        body = decode_strict(raw, VoidRequest) if raw.strip() else VoidRequest()
+        body = data or VoidRequest()
         ctx = _command_context(request, idempotency_key, body)
         command = VoidHold(hold_id=_uuid(hold_id, HoldNotFound, "hold"), reason=body.reason)
         return await _command("void_hold", store, command, ctx, Hold, status_code=200)

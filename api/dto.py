@@ -121,6 +121,8 @@ class CaptureRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
 
 class VoidRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Optional: a void may be sent with no body."""
+
     reason: Reason | None = None
 
 

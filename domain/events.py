@@ -93,7 +93,8 @@ class HoldVoided(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 
 
 class HoldExpired(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Recorded after ``expires_at`` by tally_expire_holds; the hold stopped holding at ``expires_at``."""
+    """Recorded after ``expires_at`` by tally_expire_wallet_holds; the hold stopped holding at
+    ``expires_at``."""
 
     hold_id: str
     user_id: str

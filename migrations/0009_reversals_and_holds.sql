@@ -1,7 +1,7 @@
 -- Reversals and holds (the purchase lifecycle). New event types: CreditsReversed and HoldCaptured
 -- (transactions), HoldPlaced, HoldVoided and HoldExpired (holds: they move no credits). The
 -- decisions live in commands/sql (tally_reverse_transaction, tally_place_hold, tally_capture_hold,
--- tally_void_hold, tally_expire_holds); a wallet's active holds are part of its stream snapshot
+-- tally_void_hold, tally_expire_wallet_holds); a wallet's active holds are part of its stream snapshot
 -- (`state.holds`), so every decision on a wallet reads one locked row.
 
 -- 1. The outcomes a command now records: the new decisions on the ledger's state.
@@ -59,5 +59,5 @@ CREATE TABLE rm_holds (
 );
 CREATE INDEX rm_holds_by_wallet ON rm_holds (user_id, wallet_version);
 -- The holds past their expiry that no HoldExpired records yet: where `tally projector` looks for
--- the expiries to record (tally_expire_holds).
+-- the expiries to record (commands/expiry.py).
 CREATE INDEX rm_holds_expiring ON rm_holds (expires_at) WHERE status = 'active';

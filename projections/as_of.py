@@ -36,7 +36,8 @@ SELECT l.account, e.data ->> 'asset' AS asset, sum(l.amount)::text AS balance
 """
 # What the holds of every wallet reserved at the cut, per user account and asset: each hold's state
 # at its newest event within the cut, if placed and not ended by then and not expired at the cut's
-# time (as of a position: the time of the newest event at or before it).
+# time (as of a position: the time of the newest event at or before it, or of the wallet's own last
+# event in the cut if that is later, as tally_wallet_as_of takes it).
 _HELD = f"""
 SELECT 'user:' || substr(x.stream_id, 8) AS account, x.asset, sum(x.remaining)::text AS held
   FROM (SELECT DISTINCT ON (e.data ->> 'hold_id') e.stream_id, e.data ->> 'hold_id' AS hold_id,
@@ -48,10 +49,15 @@ SELECT 'user:' || substr(x.stream_id, 8) AS account, x.asset, sum(x.remaining)::
          WHERE {_CUT} AND e.event_type IN ('HoldPlaced', 'HoldCaptured', 'HoldVoided', 'HoldExpired')
          ORDER BY e.data ->> 'hold_id', e.stream_version DESC) x
   JOIN events p ON p.event_id = x.hold_id::uuid AND p.event_type = 'HoldPlaced'
+  CROSS JOIN LATERAL (
+        SELECT w.recorded_at FROM events w
+         WHERE w.stream_id = x.stream_id
+           AND (($1::timestamptz IS NOT NULL AND w.recorded_at <= $1) OR w.global_position <= $2::bigint)
+         ORDER BY w.stream_version DESC LIMIT 1) last
  WHERE x.remaining > 0
-   AND (p.data ->> 'expires_at')::timestamptz > coalesce($1::timestamptz, (
+   AND (p.data ->> 'expires_at')::timestamptz > greatest(last.recorded_at, coalesce($1::timestamptz, (
             SELECT c.recorded_at FROM events c WHERE c.global_position <= $2::bigint
-             ORDER BY c.global_position DESC LIMIT 1))
+             ORDER BY c.global_position DESC LIMIT 1)))
  GROUP BY 1, 2
 """
 _UNCOUNTED = f"""

@@ -26,6 +26,7 @@ import asyncpg
 import msgspec
 
 from commands.errors import is_transient
+from commands.expiry import expire_holds
 from projections.positions import Position
 from projections.reader import Reader
 from projections.status import RESTORED
@@ -49,12 +50,10 @@ RECONNECT_DELAYS: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 _NOTIFY = "SELECT pg_notify($1, $2)"
 _HISTORY_AHEAD = "SELECT tally_history_ahead()"
-# How often the active projector records the expiry of holds whose expires_at has passed, and how
-# many at most per sweep (commands/sql/tally_expire_holds.sql). Nothing waits for it: a hold stops
-# holding at its expires_at whether or not its HoldExpired is recorded yet.
+# How often the active projector records the expiry of holds whose expires_at has passed
+# (commands/expiry.py). Nothing waits for it: a hold stops holding at its expires_at whether or not
+# its HoldExpired is recorded yet.
 EXPIRY_SWEEP_INTERVAL: Final = 5.0
-EXPIRY_SWEEP_LIMIT: Final = 500
-_EXPIRE_HOLDS = "SELECT tally_expire_holds($1)"
 _STOPPED = "SELECT name FROM projection_checkpoints WHERE error IS NOT NULL"
 _NEXT_EVENT = """
 SELECT e.global_position, e.stream_id, e.stream_version, e.event_type
@@ -189,13 +188,8 @@ class Projector:
                     await _wait_any(asyncio.Event(), stop, self._poll_interval)
                     continue
                 if time.monotonic() - swept >= EXPIRY_SWEEP_INTERVAL:
-                    # Records the expiries that have passed (holds stop holding at expires_at
-                    # anyway: this only puts them in the history); the new events are projected
-                    # right below.
-                    ended = await self._pool.fetchval(_EXPIRE_HOLDS, EXPIRY_SWEEP_LIMIT)
                     swept = time.monotonic()
-                    if ended:
-                        log.info("recorded the expiry of %d holds", ended)
+                    await self._sweep()
                 checkpoints = await catch_up(self._pool, self._batch_size)
                 if checkpoints != last:
                     payload = msgspec.json.encode({k: v.token() for k, v in checkpoints.items()}).decode()
@@ -206,6 +200,20 @@ class Projector:
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(listener.close(), 2)
+
+    async def _sweep(self) -> None:
+        """Record the expiries that have passed (holds stop holding at expires_at anyway: this only
+        puts them in the history); the next catch-up projects them. A sweep that fails for another
+        reason than the database being away is logged and skipped: the projections go on."""
+        try:
+            ended = await expire_holds(self._pool)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.exception("the hold expiry sweep failed; holds still stop holding at their expiry")
+            return
+        if ended:
+            log.info("recorded the expiry of %d holds", ended)
 
     async def _become_active(self, listener: asyncpg.Connection, stop: asyncio.Event) -> bool:
         announced = False

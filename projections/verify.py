@@ -120,6 +120,15 @@ def _whole(value: str) -> str:
 
 
 _AMOUNT = _whole("e.data -> 'amount'")
+# What a reversal of `e`'s amount of transaction `o` must hold as legs: each of o's legs negated for
+# that amount (commands/sql/tally_reversal_legs.sql), computed here apart and without a cast that
+# tampered data could make fail: a malformed leg gives a NULL amount, so a finding.
+_NEGATED_LEGS = f"""(SELECT jsonb_agg(jsonb_build_object('account', l.leg ->> 'account',
+                                                   'amount', -sign({_whole("l.leg -> 'amount'")}) * {_AMOUNT})
+                             ORDER BY l.i)
+                      FROM jsonb_array_elements(CASE WHEN jsonb_typeof(o.data -> 'entries') = 'array'
+                                                     THEN o.data -> 'entries' ELSE '[]' END)
+                           WITH ORDINALITY AS l(leg, i))"""
 # The legs of transaction event `e`, one row each: (account, amount), a malformed amount as NULL.
 _ENTRIES = "CASE WHEN jsonb_typeof(e.data -> 'entries') = 'array' THEN e.data -> 'entries' ELSE '[]' END"
 _LEGS = f"""LATERAL (SELECT leg ->> 'account' AS account, {_whole("leg -> 'amount'")} AS amount
@@ -234,8 +243,7 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
                        WHEN o.data ->> 'asset' IS DISTINCT FROM e.data ->> 'asset' THEN ' is of another asset'
                        ELSE ' does not negate its legs' END,
                    e.stream_id, e.stream_version, e.global_position,
-                   jsonb_build_object('kind', 'reversal', 'entries',
-                                      tally_reversal_legs(o.data -> 'entries', {_AMOUNT}))::text,
+                   jsonb_build_object('kind', 'reversal', 'entries', {_NEGATED_LEGS})::text,
                    jsonb_build_object('kind', e.data -> 'kind', 'entries', e.data -> 'entries')::text
               FROM {_TRANSACTIONS}
               LEFT JOIN {_TRANSACTIONS.replace(") e", ") o")}
@@ -245,8 +253,7 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
                AND (o.event_id IS NULL OR o.event_type = 'CreditsReversed'
                     OR o.data ->> 'asset' IS DISTINCT FROM e.data ->> 'asset'
                     OR e.data ->> 'kind' IS DISTINCT FROM 'reversal'
-                    OR e.data -> 'entries'
-                       IS DISTINCT FROM tally_reversal_legs(o.data -> 'entries', {_AMOUNT}))
+                    OR e.data -> 'entries' IS DISTINCT FROM {_NEGATED_LEGS})
              ORDER BY e.global_position {_LIMIT}""",
     ),
     (
@@ -453,6 +460,9 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
         f"""WITH replay AS (
                 SELECT e.data ->> 'hold_id' AS hold_id,
                        max({_AMOUNT}) FILTER (WHERE e.event_type = 'HoldPlaced') AS amount,
+                       max(e.data ->> 'asset') FILTER (WHERE e.event_type = 'HoldPlaced') AS asset,
+                       max(substr(e.stream_id, 8)) FILTER (WHERE e.event_type = 'HoldPlaced') AS user_id,
+                       max(e.data ->> 'expires_at') FILTER (WHERE e.event_type = 'HoldPlaced') AS expires_at,
                        coalesce(sum({_AMOUNT}) FILTER (WHERE e.event_type = 'HoldCaptured'), 0) AS captured,
                        coalesce(sum({_whole("e.data -> 'released'")})
                                 FILTER (WHERE e.event_type <> 'HoldPlaced'), 0)
@@ -469,14 +479,19 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
                    || coalesce(r.hold_id, h.hold_id::text), 'wallet:' || h.user_id, NULL::bigint,
                    NULL::bigint,
                    coalesce(jsonb_build_object('amount', r.amount, 'captured', r.captured,
-                                               'released', r.released,
-                                               'status', r.status)::text, 'absent'),
+                                               'released', r.released, 'status', r.status, 'asset', r.asset,
+                                               'user_id', r.user_id, 'expires_at', r.expires_at)::text,
+                            'absent'),
                    coalesce(jsonb_build_object('amount', h.amount, 'captured', h.captured,
-                                               'released', h.released,
-                                               'status', h.status)::text, 'absent')
+                                               'released', h.released, 'status', h.status, 'asset', h.asset,
+                                               'user_id', h.user_id,
+                                               'expires_at', tally_timestamp_text(h.expires_at))::text,
+                            'absent')
               FROM replay r FULL JOIN rm_holds h ON h.hold_id::text = r.hold_id
              WHERE r.hold_id IS NULL OR h.hold_id IS NULL OR r.amount IS DISTINCT FROM h.amount
                 OR r.captured <> h.captured OR r.released <> h.released OR r.status <> h.status
+                OR r.asset IS DISTINCT FROM h.asset OR r.user_id IS DISTINCT FROM h.user_id
+                OR r.expires_at IS DISTINCT FROM tally_timestamp_text(h.expires_at)
              {_LIMIT}""",
     ),
     (
@@ -537,7 +552,8 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
 
 # Every event of the wallets that ever had a hold, in version order: the holds replay below.
 _HOLD_WALLET_EVENTS = """
-SELECT e.stream_id, e.stream_version, e.global_position, e.event_type, e.data::text AS data, e.recorded_at,
+SELECT e.stream_id, e.stream_version, e.global_position, e.event_id::text AS event_id, e.event_type,
+       e.data::text AS data, e.recorded_at,
        tally_event_kind(e.event_type, EXISTS (SELECT 1 FROM flows f WHERE f.event_type = e.event_type))
            AS kind
   FROM events e
@@ -545,25 +561,34 @@ SELECT e.stream_id, e.stream_version, e.global_position, e.event_type, e.data::t
                         WHERE h.event_type IN ('HoldPlaced', 'HoldCaptured', 'HoldVoided', 'HoldExpired'))
  ORDER BY e.stream_id, e.stream_version
 """
+# The holds each wallet's snapshot keeps (the ones every decision trusts: tally_held).
+_HOLD_SNAPSHOTS = """
+SELECT stream_id, (state -> 'holds')::text AS holds
+  FROM streams WHERE stream_type = 'wallet' AND state ? 'holds'
+"""
 HOLDS_CHECK: Final = (
     "holds",
-    "every hold is placed once and within what was available, is captured at most its amount in all, "
-    "and nothing captures, voids or expires it after it ended, nor captures or voids it at or after its "
-    "expiry; no hold expires early; after every debit and every hold, balance - active holds >= 0",
+    "every hold is placed once, on its own wallet, within what was available, is captured at most its "
+    "amount in all, and nothing captures, voids or expires it after it ended, nor captures or voids it "
+    "at or after its expiry; no hold expires early; after every debit and every hold, balance - active "
+    "holds >= 0; and each wallet's snapshot holds exactly the holds no event ended yet",
 )
+MAX_HOLD: Final = timedelta(seconds=MAX_HOLD_SECONDS)
 
 
 class _Hold(msgspec.Struct):
     asset: str
     remaining: int
     expires_at: datetime
+    expires_text: str  # as recorded, which the snapshot repeats
     ended: str | None = None
 
 
 class _HoldReplay:
     """One wallet's replay, event by event: its balances and holds, and what breaks the rules."""
 
-    def __init__(self) -> None:
+    def __init__(self, stream_id: str) -> None:
+        self.user_id = stream_id.removeprefix("wallet:")
         self.balances: dict[str, int] = {}
         self.holds: dict[str, _Hold] = {}
         self.problems: list[tuple[str, str, str]] = []  # detail, expected, found
@@ -578,7 +603,8 @@ class _HoldReplay:
     def fail(self, detail: str, expected: object, found: object) -> None:
         self.problems.append((detail, str(expected), str(found)))
 
-    def active(self, hold_id: str, at: datetime, what: str, *, before_expiry: bool) -> _Hold | None:
+    def active(self, data: dict[str, Any], at: datetime, what: str, *, before_expiry: bool) -> _Hold | None:
+        hold_id = str(data["hold_id"])
         hold = self.holds.get(hold_id)
         if hold is None:
             self.fail(
@@ -586,6 +612,9 @@ class _HoldReplay:
             )
         elif hold.ended is not None:
             self.fail(f"{what} of hold {hold_id} after it was {hold.ended}", "an active hold", hold.ended)
+        elif data.get("asset") != hold.asset or data.get("user_id") != self.user_id:
+            self.fail(f"{what} of hold {hold_id} names another asset or user", f"{hold.asset} {self.user_id}",
+                      f"{data.get('asset')} {data.get('user_id')}")  # fmt: skip
         elif before_expiry and at >= hold.expires_at:
             self.fail(f"{what} of hold {hold_id} at or after its expiry", f"before {hold.expires_at}", at)
         elif not before_expiry and at < hold.expires_at:
@@ -596,12 +625,14 @@ class _HoldReplay:
             return hold
         return None
 
-    def apply(
-        self, event_type: str, kind: str | None, data: dict[str, Any], stream_id: str, at: datetime
-    ) -> None:
+    def apply(self, event_type: str, kind: str | None, event_id: str, data: Any, at: datetime) -> None:
+        if kind not in ("transaction", "hold"):
+            return
+        if not isinstance(data, dict):
+            raise TypeError(f"the data of a {event_type} is not an object")
         asset = str(data.get("asset"))
         if kind == "transaction":
-            user = "user:" + stream_id.removeprefix("wallet:")
+            user = "user:" + self.user_id
             delta = sum(int(leg["amount"]) for leg in data["entries"] if leg["account"] == user)
             self.balances[asset] = self.balances.get(asset, 0) + delta
             if event_type == "HoldCaptured":
@@ -609,42 +640,51 @@ class _HoldReplay:
             if delta < 0:
                 self._available(asset, at, f"the {event_type} leaves less than its holds reserve")
         elif event_type == "HoldPlaced":
-            hold_id = str(data["hold_id"])
-            expires_at = datetime.fromisoformat(str(data["expires_at"]))
-            if hold_id in self.holds:
-                self.fail(f"hold {hold_id} is placed twice", "once", "twice")
-                return
-            if not at < expires_at <= at + MAX_HOLD:
-                self.fail(f"hold {hold_id} expires outside 1 s to 30 days", f"after {at}", expires_at)
-            self.holds[hold_id] = _Hold(asset=asset, remaining=int(data["amount"]), expires_at=expires_at)
-            self._available(asset, at, f"hold {hold_id} reserves more than was available")
-        elif event_type in ("HoldVoided", "HoldExpired"):
-            hold_id = str(data["hold_id"])
+            self._placed(event_id, data, asset, at)
+        else:
             what = "a void" if event_type == "HoldVoided" else "an expiry"
-            hold = self.active(hold_id, at, what, before_expiry=event_type == "HoldVoided")
+            hold = self.active(data, at, what, before_expiry=event_type == "HoldVoided")
             if hold is not None:
                 if int(data["released"]) != hold.remaining:
-                    self.fail(f"{what} of hold {hold_id} releases another amount than remained",
-                              hold.remaining,
-                              data["released"])  # fmt: skip
+                    self.fail(f"{what} of hold {data['hold_id']} releases another amount than remained",
+                              hold.remaining, data["released"])  # fmt: skip
                 hold.remaining = 0
                 hold.ended = "voided" if event_type == "HoldVoided" else "expired"
 
-    def _captured(self, data: dict[str, Any], at: datetime) -> None:
+    def _placed(self, event_id: str, data: dict[str, Any], asset: str, at: datetime) -> None:
         hold_id = str(data["hold_id"])
-        hold = self.active(hold_id, at, "a capture", before_expiry=True)
+        expires_text = str(data["expires_at"])
+        expires_at = datetime.fromisoformat(expires_text)
+        amount = int(data["amount"])
+        if hold_id != event_id or data.get("user_id") != self.user_id:
+            self.fail("a HoldPlaced's hold_id is not its event id, or it names another user",
+                      f"{event_id} {self.user_id}", f"{hold_id} {data.get('user_id')}")  # fmt: skip
+        if hold_id in self.holds:
+            self.fail(f"hold {hold_id} is placed twice", "once", "twice")
+            return
+        if not 1 <= amount <= MAX_AMOUNT:
+            self.fail(
+                f"hold {hold_id} reserves an amount outside 1..{MAX_AMOUNT}", f"1..{MAX_AMOUNT}", amount
+            )
+        if not at < expires_at <= at + MAX_HOLD:
+            self.fail(f"hold {hold_id} expires outside 1 s to 30 days", f"after {at}", expires_at)
+        self.holds[hold_id] = _Hold(
+            asset=asset, remaining=amount, expires_at=expires_at, expires_text=expires_text
+        )
+        self._available(asset, at, f"hold {hold_id} reserves more than was available")
+
+    def _captured(self, data: dict[str, Any], at: datetime) -> None:
+        hold = self.active(data, at, "a capture", before_expiry=True)
         if hold is None:
             return
         amount, released, left = int(data["amount"]), int(data["released"]), int(data["hold_remaining"])
+        final = data.get("final") is True
         if amount > hold.remaining:
-            self.fail(f"a capture of hold {hold_id} takes more than remained", f"<= {hold.remaining}", amount)
-        elif (
-            amount + released + left != hold.remaining
-            or (left and data.get("final"))
-            or (released and not data.get("final"))
-        ):
-            self.fail(f"a capture of hold {hold_id} does not account for what remained", hold.remaining,
-                      f"{amount} captured + {released} released + {left} left")  # fmt: skip
+            self.fail(f"a capture of hold {data['hold_id']} takes more than remained", f"<= {hold.remaining}",
+                      amount)  # fmt: skip
+        elif amount + released + left != hold.remaining or (final and left) or (not final and released):
+            self.fail(f"a capture of hold {data['hold_id']} does not account for what remained",
+                      hold.remaining, f"{amount} captured + {released} released + {left} left")  # fmt: skip
         hold.remaining = left
         if left == 0:
             hold.ended = "captured"
@@ -654,36 +694,63 @@ class _HoldReplay:
         if available < 0:
             self.fail(f"available {asset} went below zero: {detail}", ">= 0", available)
 
+    def open_holds(self) -> dict[str, dict[str, Any]]:
+        """The holds no event ended, as the wallet's snapshot keeps them (expired ones included
+        until their HoldExpired is recorded)."""
+        return {
+            hold_id: {"asset": h.asset, "remaining": h.remaining, "expires_at": h.expires_text}
+            for hold_id, h in self.holds.items()
+            if h.ended is None
+        }
 
-MAX_HOLD: Final = timedelta(seconds=MAX_HOLD_SECONDS)
+
+def _snapshot_findings(stream_id: str, replayed: dict[str, Any], snapshot: Any) -> list[Finding]:
+    if snapshot == replayed:
+        return []
+    return [
+        Finding(check="holds", detail="the wallet snapshot's holds differ from the replay of its hold events",
+                stream_id=stream_id, expected=msgspec.json.encode(replayed).decode()[:2000],
+                found=msgspec.json.encode(snapshot).decode()[:2000])
+    ]  # fmt: skip
 
 
 async def _hold_findings(conn: asyncpg.Connection) -> list[Finding]:
     """Replays every wallet that ever had a hold (the others' available balance is their balance,
-    which negative_balance checks), streaming its events in version order."""
+    which negative_balance checks), streaming its events in version order, and compares what it
+    ends with against each wallet's snapshot."""
+    snapshots: dict[str, Any] = {
+        r["stream_id"]: msgspec.json.decode(r["holds"]) for r in await conn.fetch(_HOLD_SNAPSHOTS)
+    }
     findings: list[Finding] = []
-    replay, current = _HoldReplay(), None
+    replay: _HoldReplay | None = None
+
+    def wallet_done() -> None:
+        if replay is not None:
+            stream_id = "wallet:" + replay.user_id
+            findings.extend(_snapshot_findings(stream_id, replay.open_holds(), snapshots.pop(stream_id, {})))
+
     async for row in conn.cursor(_HOLD_WALLET_EVENTS, prefetch=2000):
-        if row["stream_id"] != current:
-            replay, current = _HoldReplay(), row["stream_id"]
+        if replay is None or "wallet:" + replay.user_id != row["stream_id"]:
+            wallet_done()
+            replay = _HoldReplay(row["stream_id"])
         before = len(replay.problems)
         try:
             data = msgspec.json.decode(row["data"])
-            replay.apply(row["event_type"], row["kind"], data, row["stream_id"], row["recorded_at"])
-        except (KeyError, TypeError, ValueError, msgspec.DecodeError) as exc:
-            replay.fail(
-                f"the {row['event_type']} cannot be replayed: {exc!r}",
-                "well-formed fields",
-                row["data"][:200],
-            )
+            replay.apply(row["event_type"], row["kind"], row["event_id"], data, row["recorded_at"])
+        except (KeyError, TypeError, ValueError, AttributeError, msgspec.DecodeError) as exc:
+            replay.fail(f"the {row['event_type']} cannot be replayed: {exc!r}", "well-formed fields",
+                        row["data"][:200])  # fmt: skip
         findings.extend(
             Finding(check="holds", detail=detail, stream_id=row["stream_id"],
-                    stream_version=row["stream_version"],
-                    global_position=row["global_position"], expected=expected, found=found)
+                    stream_version=row["stream_version"], global_position=row["global_position"],
+                    expected=expected, found=found)
             for detail, expected, found in replay.problems[before:]
         )  # fmt: skip
         if len(findings) > FINDINGS_PER_CHECK:
-            break
+            return findings
+    wallet_done()
+    for stream_id, snapshot in snapshots.items():  # holds in a snapshot, with no hold event at all
+        findings.extend(_snapshot_findings(stream_id, {}, snapshot))
     return findings
 
 

@@ -185,7 +185,9 @@ class Lifecycle:
 
     def held(self, user_id: str, asset: str) -> int:
         return sum(
-            h.remaining for h in self.holds.values() if h.user_id == user_id and h.asset == asset and h.ended is None
+            h.remaining
+            for h in self.holds.values()
+            if h.user_id == user_id and h.asset == asset and h.ended is None
         )
 
     def _accept(self, user_id: str, asset: str, delta: int) -> dict[str, Any]:
@@ -221,8 +223,12 @@ class Lifecycle:
             if short := self._short(op["user_id"], op["asset"], op["amount"], op["amount"]):
                 return short
             self._accept(op["user_id"], op["asset"], 0)
-            self.holds[answer.get("hold_id", "(refused)")] = HeldCredits(op["user_id"], op["asset"], op["amount"], op["amount"])
-            return Outcome("accepted", False, {"amount": op["amount"], "remaining": op["amount"], "status": "active"})
+            self.holds[answer.get("hold_id", "(refused)")] = HeldCredits(
+                op["user_id"], op["asset"], op["amount"], op["amount"]
+            )
+            return Outcome(
+                "accepted", False, {"amount": op["amount"], "remaining": op["amount"], "status": "active"}
+            )
         return self._end_hold(op, answer)
 
     def _reverse(self, op: dict[str, Any], answer: dict[str, Any]) -> Outcome:
@@ -235,7 +241,10 @@ class Lifecycle:
         amount = op["amount"] if op["amount"] is not None else remaining
         if amount > remaining or amount < 1:
             return Outcome("reversal_exceeds_remaining", False, {"remaining": remaining})
-        entries = [{"account": e["account"], "amount": -e["amount"] // original.amount * amount} for e in original.entries]
+        entries = [
+            {"account": e["account"], "amount": -e["amount"] // original.amount * amount}
+            for e in original.entries
+        ]
         delta = sum(e["amount"] for e in entries if e["account"] == user_account(original.user_id))
         if delta < 0 and (short := self._short(original.user_id, original.asset, amount, -delta)):
             return short

@@ -1,5 +1,8 @@
 -- Step 1 of every command: claim its Idempotency-Key, in its client's namespace, by inserting the
--- command's row, before any stream is locked. `p_request` is the request's fingerprint as the API
+-- command's row, before any stream is locked; except that a command that waits for its wallet's
+-- lock takes that lock first (the lifecycle commands, tally_reverse_transaction says why, and the
+-- retried batches of tally_post_transactions), so that none waits for a key while another waits
+-- for its wallet. `p_request` is the request's fingerprint as the API
 -- computed it; the row stores it bound to the client (tally_fingerprint). Returns NULL when this
 -- transaction now owns the key, or the row recorded under it before (its outcome is then replayed,
 -- tally_replay): one statement when the key is new. A concurrent duplicate blocks on the primary

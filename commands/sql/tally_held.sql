@@ -1,7 +1,7 @@
 -- What a wallet's active holds of one asset reserve at `p_now`: the remaining amounts of the holds in
 -- its stream snapshot (`state.holds`: hold id -> {asset, remaining, expires_at}, the holds no event
 -- has ended yet) that have not expired by then. A hold stops holding at its `expires_at` by the
--- database's clock, whether or not its HoldExpired is recorded yet (tally_expire_holds records it
+-- database's clock, whether or not its HoldExpired is recorded yet (tally_expire_wallet_holds records it
 -- later): no decision depends on a sweeper. Available = balance - this. Used by every decision that
 -- takes credits from a wallet or reserves them (tally_post_transactions, tally_reverse_transaction,
 -- tally_place_hold); a snapshot without holds costs one key test.

@@ -85,8 +85,9 @@ BEGIN
         IF v_amount > v_remaining OR v_amount < 1 THEN
             outcome := 'reversal_exceeds_remaining';
             v_body := tally_rejection('reversal_exceeds_remaining',
-                format('transaction %s has %s left to reverse, less than the %s requested', v_target, v_remaining,
-                       v_amount),
+                CASE WHEN v_remaining = 0 THEN format('transaction %s is reversed in full', v_target)
+                     ELSE format('transaction %s has %s left to reverse, less than the %s requested', v_target,
+                                 v_remaining, v_amount) END,
                 jsonb_build_object('remaining', v_remaining, 'amount', v_amount));
         ELSIF v_delta < 0 AND v_after - v_held < 0 THEN
             outcome := 'insufficient_funds';

@@ -14,7 +14,8 @@
 --
 -- `held` is, per asset, what the wallet's holds reserved at the cut: every hold placed within it
 -- and not ended by an event within it, whose expiry is after the cut's time (as of a position: the
--- time of the newest event at or before it), by what remained of it then. Holds are read from the
+-- time of the newest event at or before it, or of the wallet's own last event in the cut if that
+-- is later), by what remained of it then. Holds are read from the
 -- wallet's hold events (events_holds_by_wallet): the cost grows with the number of its holds.
 --
 -- Returns no row when the wallet does not exist; version 0 when it did not exist yet at the cut.
@@ -68,6 +69,12 @@ BEGIN
     IF v_time IS NULL THEN
         SELECT e.recorded_at INTO v_time FROM events e
          WHERE e.global_position <= p_position ORDER BY e.global_position DESC LIMIT 1;
+    END IF;
+    -- Never before the wallet's own last event in the cut: positions and times of different
+    -- wallets may disagree by a little, and that event was decided with its holds as of its time.
+    IF v_low > 0 THEN
+        SELECT greatest(v_time, e.recorded_at) INTO v_time FROM events e
+         WHERE e.stream_id = v_stream_id AND e.stream_version = v_low;
     END IF;
     SELECT coalesce(jsonb_object_agg(h.asset, h.held), '{}') INTO held
       FROM (SELECT x.asset, sum(x.remaining) AS held

@@ -6,6 +6,9 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import asyncpg
+
+from api.keys import create_client
 from tests.api.support import (
     Client,
     assert_problem,
@@ -222,6 +225,14 @@ async def test_a_void_releases_the_hold(client: Client) -> None:
     assert await _wallet(client, "alice") == {"asset": "GOLD", "balance": 100, "held": 0, "available": 100}
     assert_problem(await post(client, f"/v1/holds/{hold['hold_id']}/captures", {}), 409, "hold_not_active")
     assert_problem(await post(client, f"/v1/holds/{uuid.uuid4()}/void"), 404, "hold_not_found")
+    # The body is optional, and strict when sent: empty, JSON null, or {"reason": ...}
+    other = await _hold(client, "alice", 10)
+    empty = await post(client, f"/v1/holds/{other['hold_id']}/void", raw=b"")
+    assert empty.status_code == 200, empty.text
+    for bad in (b"[]", b'{"reason": ""}', b'{"why": "x"}', b"{"):
+        assert_problem(
+            await post(client, f"/v1/holds/{other['hold_id']}/void", raw=bad), 400, "invalid_request"
+        )
     assert_problem(await post(client, "/v1/holds/nope/captures", {}), 404, "hold_not_found")
 
 
@@ -277,3 +288,30 @@ async def test_hold_commands_replay_and_check_their_bodies(client: Client) -> No
         await post(client, "/v1/wallets/alice/holds", {"asset": "NOPE", "amount": 1}), 404, "asset_not_found"
     )
     assert await ledger_state(client, "alice") == before
+
+
+async def test_a_key_limited_to_other_assets_may_not_reverse_capture_or_void(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """The asset of a reversal, capture or void is the transaction's or hold's, known only in SQL:
+    a key limited to GEMS is refused there (403 forbidden, nothing written, the key stays free)."""
+    original = await _setup(client)
+    hold = await _hold(client, "alice", 10)
+    async with pool.acquire() as conn:
+        limited = (
+            await create_client(conn, "gems-only", ["credits:reverse", "holds:write"], assets=["GEMS"])
+        ).secret
+    headers = {"Authorization": f"Bearer {limited}"}
+    before = await ledger_state(client, "alice")
+    attempts = [
+        (f"/v1/transactions/{original['transaction_id']}/reversals", {}),
+        (f"/v1/holds/{hold['hold_id']}/captures", {}),
+        (f"/v1/holds/{hold['hold_id']}/void", None),
+    ]
+    for path, body in attempts:
+        refused = assert_problem(
+            await post(client, path, body, key="same", headers=headers), 403, "forbidden"
+        )
+        assert refused["asset"] == "GOLD"
+    assert await ledger_state(client, "alice") == before
+    assert await pool.fetchval("SELECT count(*) FROM commands WHERE command_id = 'same'") == 0

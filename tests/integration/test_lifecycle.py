@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable, Coroutine
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -18,7 +19,9 @@ import msgspec
 
 from commands import CommandRecord, EventStore
 from commands.event_store import _CAPTURE_HOLD, _PLACE_HOLD, _REVERSE_TRANSACTION, _VOID_HOLD
+from commands.expiry import expire_holds
 from domain import CaptureHold, LifecycleCommand, PlaceHold, ReverseTransaction, SpendCredits, VoidHold
+from projections.as_of import Moment, balances_as_of, wallet_as_of
 from projections.verify import verify
 from tests.helpers import (
     ctx,
@@ -172,11 +175,11 @@ async def test_expired_holds_are_recorded_by_the_sweep_and_verify_agrees(
     await projected(pool)
     # Until the database's clock passes the expiry, the sweep finds nothing to end.
     while await pool.fetchval("SELECT now() < $1::text::timestamptz", hold["expires_at"]):
-        assert await pool.fetchval("SELECT tally_expire_holds(100)") == 0
+        assert await expire_holds(pool) == 0
         await asyncio.sleep(0.05)
     assert (await run(pool, CaptureHold(hold_id=hold["hold_id"])))["outcome"] == "hold_expired"
-    assert await pool.fetchval("SELECT tally_expire_holds(100)") == 1
-    assert await pool.fetchval("SELECT tally_expire_holds(100)") == 0
+    assert await expire_holds(pool) == 1
+    assert await expire_holds(pool) == 0
     expired = await pool.fetchrow(
         "SELECT data, metadata FROM events WHERE event_type = 'HoldExpired' AND data ->> 'hold_id' = $1",
         hold["hold_id"],
@@ -209,3 +212,94 @@ async def test_verify_catches_a_hold_captured_beyond_its_amount(
         report = await verify(conn)
     checks = {f.check for f in report.findings}
     assert "holds" in checks, report.findings
+
+
+async def _tamper(pool: asyncpg.Pool, statement: str, *args: object) -> set[str]:
+    """Run ``statement`` behind the triggers' back (as someone who controls the database could),
+    then verify: the checks with findings. Verify must finish, whatever the data now holds."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL session_replication_role = replica")
+        await conn.execute(statement, *args)
+    async with pool.acquire() as conn:
+        report = await verify(conn)
+    return {f.check for f in report.findings}
+
+
+async def test_verify_catches_a_reversal_beyond_its_transaction(
+    pool: asyncpg.Pool, store: EventStore
+) -> None:
+    original = await _funded(store, "gus", 1000)
+    await run(pool, ReverseTransaction(transaction_id=original, amount=400))
+    checks = await _tamper(
+        pool,
+        """UPDATE events SET data = jsonb_set(jsonb_set(data, '{amount}', '1400'), '{entries}',
+                  '[{"account": "system:treasury", "amount": 1400},
+                    {"account": "user:gus", "amount": -1400}]')
+            WHERE event_type = 'CreditsReversed'""",
+    )
+    assert "reversed_beyond_amount" in checks
+
+
+async def test_verify_catches_a_reversal_of_a_reversal(pool: asyncpg.Pool, store: EventStore) -> None:
+    original = await _funded(store, "hal", 1000)
+    first = msgspec.json.decode(
+        (await run(pool, ReverseTransaction(transaction_id=original, amount=10)))["body"]
+    )
+    second = await run(pool, ReverseTransaction(transaction_id=original, amount=10))
+    second_id = msgspec.json.decode(second["body"])["transaction_id"]
+    checks = await _tamper(
+        pool,
+        "UPDATE events SET data = jsonb_set(data, '{reverses}', to_jsonb($1::text)) WHERE event_id = $2",
+        first["transaction_id"], uuid.UUID(second_id),
+    )  # fmt: skip
+    assert "reversal_legs" in checks
+
+
+async def test_verify_names_malformed_lifecycle_data_instead_of_failing(
+    pool: asyncpg.Pool, store: EventStore, foreign_events: set[int]
+) -> None:
+    original = await _funded(store, "ida", 1000)
+    await run(pool, ReverseTransaction(transaction_id=original, amount=10))
+    await run(pool, PlaceHold(user_id="ida", asset="GOLD", amount=10))
+    checks = await _tamper(
+        pool,
+        """UPDATE events SET data = jsonb_set(data, '{entries}', '"not legs"')
+            WHERE event_type = 'CreditsToppedUp' AND stream_id = 'wallet:ida';
+           UPDATE events SET data = '[1, 2]' WHERE event_type = 'HoldPlaced' AND stream_id = 'wallet:ida'""",
+    )
+    assert {"malformed_transaction", "reversal_legs", "holds"} <= checks
+    foreign_events.update(await pool.fetchval("SELECT array_agg(global_position) FROM events"))
+
+
+async def test_verify_compares_the_holds_every_decision_trusts(pool: asyncpg.Pool, store: EventStore) -> None:
+    """A hold taken out of the wallet's snapshot would free its credits for spending: verify names it."""
+    await _funded(store, "jon", 1000)
+    await run(pool, PlaceHold(user_id="jon", asset="GOLD", amount=600))
+    checks = await _tamper(pool, "UPDATE streams SET state = state - 'holds' WHERE stream_id = 'wallet:jon'")
+    assert "holds" in checks
+
+
+async def test_as_of_shows_what_holds_reserved_then(pool: asyncpg.Pool, store: EventStore) -> None:
+    await _funded(store, "kim", 1000)
+    placed = msgspec.json.decode(
+        (await run(pool, PlaceHold(user_id="kim", asset="GOLD", amount=300)))["body"]
+    )
+    at_hold = Moment(position=int(placed["consistency_token"].split(".")[1]))
+    captured = await run(pool, CaptureHold(hold_id=placed["hold_id"], amount=100, final=False))
+    at_capture = Moment(
+        position=int(msgspec.json.decode(captured["body"])["consistency_token"].split(".")[1])
+    )
+    await run(pool, VoidHold(hold_id=placed["hold_id"]))
+    expected = {
+        at_hold: (1000, 300),
+        at_capture: (900, 200),
+        Moment(position=10**12): (900, 0),
+        Moment(at=datetime.fromisoformat(placed["created_at"])): (1000, 300),
+    }
+    for moment, (balance, held) in expected.items():
+        wallet = await wallet_as_of(pool, "kim", moment)
+        [gold] = wallet.balances
+        assert (gold.balance, gold.held, gold.available) == (balance, held, balance - held), moment
+        ledger = await balances_as_of(pool, moment)
+        [user] = [b for b in ledger if b.account == "user:kim"]
+        assert (user.balance, user.held, user.available) == (balance, held, balance - held), moment

@@ -257,7 +257,9 @@ def test_the_sql_decider_agrees_with_the_model_under_concurrent_batches(db_url: 
 # under its key must replay its first answer, byte for byte.
 
 ops = st.fixed_dictionaries({
-    "op": st.sampled_from(("top_up", "spend", "hold", "hold", "capture", "capture", "void", "reverse", "reverse")),
+    "op": st.sampled_from(
+        ("top_up", "spend", "hold", "hold", "capture", "capture", "void", "reverse", "reverse")
+    ),
     "user": st.sampled_from(USERS[:2]),
     "amount": st.one_of(st.none(), st.integers(min_value=1, max_value=120)),
     "final": st.booleans(),
@@ -292,8 +294,15 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     def _resolve(self, spec: dict[str, Any]) -> dict[str, Any]:
         """The operation with its user, and the earlier transaction or hold it names (or a new id)."""
-        op = {"op": spec["op"], "user_id": f"{self.ns}-{spec['user']}", "asset": "GOLD", "final": spec["final"]}
-        op["amount"] = spec["amount"] if spec["amount"] is not None or spec["op"] in ("capture", "reverse") else 50
+        op = {
+            "op": spec["op"],
+            "user_id": f"{self.ns}-{spec['user']}",
+            "asset": "GOLD",
+            "final": spec["final"],
+        }
+        op["amount"] = (
+            spec["amount"] if spec["amount"] is not None or spec["op"] in ("capture", "reverse") else 50
+        )
         known = sorted(self.model.transactions if spec["op"] == "reverse" else self.model.holds)
         chosen = known[spec["pick"] % len(known)] if known and spec["pick"] < 48 else str(uuid.uuid4())
         op["target" if spec["op"] == "reverse" else "hold_id"] = chosen
@@ -312,7 +321,9 @@ class LifecycleMachine(RuleBasedStateMachine):
                 self.model = trial
                 break
         else:
-            raise AssertionError(f"no serial order explains the answers: {resolved} -> {[dict(r) for r in rows]}")
+            raise AssertionError(
+                f"no serial order explains the answers: {resolved} -> {[dict(r) for r in rows]}"
+            )
         for (sql, payload), row in zip(calls, rows, strict=True):
             if row["outcome"] == "accepted":
                 self.sent.append((sql, payload, row["body"]))
@@ -375,11 +386,17 @@ def _lifecycle_call(op: dict[str, Any]) -> tuple[str, str]:
     if op["op"] == "hold":
         sql, command = _PLACE_HOLD, PlaceHold(user_id=op["user_id"], asset="GOLD", amount=op["amount"])
     elif op["op"] == "capture":
-        sql, command = _CAPTURE_HOLD, CaptureHold(hold_id=op["hold_id"], amount=op["amount"], final=op["final"])
+        sql, command = (
+            _CAPTURE_HOLD,
+            CaptureHold(hold_id=op["hold_id"], amount=op["amount"], final=op["final"]),
+        )
     elif op["op"] == "void":
         sql, command = _VOID_HOLD, VoidHold(hold_id=op["hold_id"])
     else:
-        sql, command = _REVERSE_TRANSACTION, ReverseTransaction(transaction_id=op["target"], amount=op["amount"])
+        sql, command = (
+            _REVERSE_TRANSACTION,
+            ReverseTransaction(transaction_id=op["target"], amount=op["amount"]),
+        )
     return sql, msgspec.json.encode(CommandRecord.of(helper_ctx(), command)).decode()
 
 
