@@ -34,31 +34,23 @@ SELECT l.account, e.data ->> 'asset' AS asset, sum(l.amount)::text AS balance
  GROUP BY 1, 2
  ORDER BY 2, 1
 """
-# What the holds of every wallet reserved at the cut, per user account and asset: each hold's state
-# at its newest event within the cut, if placed and not ended by then and not expired at the cut's
-# time (as of a position: the time of the newest event at or before it, or of the wallet's own last
-# event in the cut if that is later, as tally_wallet_as_of takes it).
+# What the holds of every wallet reserved at the cut, per user account and asset: for each wallet
+# with a hold open at the cut (placed, and its newest event in the cut leaves some of it), the
+# held amounts tally_wallet_as_of states, so the whole ledger's cut judges expiry exactly as one
+# wallet's does.
 _HELD = f"""
-SELECT 'user:' || substr(x.stream_id, 8) AS account, x.asset, sum(x.remaining)::text AS held
-  FROM (SELECT DISTINCT ON (e.data ->> 'hold_id') e.stream_id, e.data ->> 'hold_id' AS hold_id,
-               e.data ->> 'asset' AS asset,
+WITH open_holds AS (
+    SELECT DISTINCT x.stream_id FROM (
+        SELECT DISTINCT ON (e.data ->> 'hold_id') e.stream_id,
                CASE e.event_type WHEN 'HoldPlaced' THEN (e.data ->> 'amount')::bigint
                                  WHEN 'HoldCaptured' THEN (e.data ->> 'hold_remaining')::bigint
                                  ELSE 0 END AS remaining
           FROM events e
          WHERE {_CUT} AND e.event_type IN ('HoldPlaced', 'HoldCaptured', 'HoldVoided', 'HoldExpired')
          ORDER BY e.data ->> 'hold_id', e.stream_version DESC) x
-  JOIN events p ON p.event_id = x.hold_id::uuid AND p.event_type = 'HoldPlaced'
-  CROSS JOIN LATERAL (
-        SELECT w.recorded_at FROM events w
-         WHERE w.stream_id = x.stream_id
-           AND (($1::timestamptz IS NOT NULL AND w.recorded_at <= $1) OR w.global_position <= $2::bigint)
-         ORDER BY w.stream_version DESC LIMIT 1) last
- WHERE x.remaining > 0
-   AND (p.data ->> 'expires_at')::timestamptz > greatest(last.recorded_at, coalesce($1::timestamptz, (
-            SELECT c.recorded_at FROM events c WHERE c.global_position <= $2::bigint
-             ORDER BY c.global_position DESC LIMIT 1)))
- GROUP BY 1, 2
+     WHERE x.remaining > 0)
+SELECT 'user:' || substr(o.stream_id, 8) AS account, h.key AS asset, h.value::text AS held
+  FROM open_holds o, tally_wallet_as_of(substr(o.stream_id, 8), $1, $2) w, jsonb_each(w.held) h
 """
 _UNCOUNTED = f"""
 SELECT count(*) FROM events e LEFT JOIN flows f ON f.event_type = e.event_type

@@ -187,14 +187,14 @@ class Projector:
                         warned = time.monotonic()
                     await _wait_any(asyncio.Event(), stop, self._poll_interval)
                     continue
-                if time.monotonic() - swept >= EXPIRY_SWEEP_INTERVAL:
-                    swept = time.monotonic()
-                    await self._sweep()
                 checkpoints = await catch_up(self._pool, self._batch_size)
                 if checkpoints != last:
                     payload = msgspec.json.encode({k: v.token() for k, v in checkpoints.items()}).decode()
                     await self._pool.execute(_NOTIFY, PROGRESS_CHANNEL, payload)
                     last = checkpoints
+                if time.monotonic() - swept >= EXPIRY_SWEEP_INTERVAL:
+                    swept = time.monotonic()
+                    await self._sweep()
                 await asyncio.sleep(MIN_ROUND_INTERVAL)
                 await _wait_any(self._wake, stop, self._poll_interval)
         finally:
@@ -203,17 +203,17 @@ class Projector:
 
     async def _sweep(self) -> None:
         """Record the expiries that have passed (holds stop holding at expires_at anyway: this only
-        puts them in the history); the next catch-up projects them. A sweep that fails for another
-        reason than the database being away is logged and skipped: the projections go on."""
+        puts them in the history), after the round's catch-up, which therefore never waits for it;
+        the next round projects them. A sweep that fails is logged and skipped, whatever the error:
+        the projections go on (a database that is away fails their next catch-up instead)."""
         try:
             ended = await expire_holds(self._pool)
         except Exception as exc:
-            if is_transient(exc):
-                raise
-            log.exception("the hold expiry sweep failed; holds still stop holding at their expiry")
+            log.warning("the hold expiry sweep failed (%s); holds still stop holding at their expiry", exc)
             return
         if ended:
             log.info("recorded the expiry of %d holds", ended)
+            self._wake.set()
 
     async def _become_active(self, listener: asyncpg.Connection, stop: asyncio.Event) -> bool:
         announced = False

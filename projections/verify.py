@@ -558,7 +558,8 @@ SELECT e.stream_id, e.stream_version, e.global_position, e.event_id::text AS eve
            AS kind
   FROM events e
  WHERE e.stream_id IN (SELECT DISTINCT h.stream_id FROM events h
-                        WHERE h.event_type IN ('HoldPlaced', 'HoldCaptured', 'HoldVoided', 'HoldExpired'))
+                        WHERE h.event_type IN ('HoldPlaced', 'HoldCaptured', 'HoldVoided', 'HoldExpired')
+                          AND h.stream_id LIKE 'wallet:%')
  ORDER BY e.stream_id, e.stream_version
 """
 # The holds each wallet's snapshot keeps (the ones every decision trusts: tally_held).
@@ -588,6 +589,7 @@ class _HoldReplay:
     """One wallet's replay, event by event: its balances and holds, and what breaks the rules."""
 
     def __init__(self, stream_id: str) -> None:
+        self.stream_id = stream_id
         self.user_id = stream_id.removeprefix("wallet:")
         self.balances: dict[str, int] = {}
         self.holds: dict[str, _Hold] = {}
@@ -726,18 +728,18 @@ async def _hold_findings(conn: asyncpg.Connection) -> list[Finding]:
 
     def wallet_done() -> None:
         if replay is not None:
-            stream_id = "wallet:" + replay.user_id
+            stream_id = replay.stream_id
             findings.extend(_snapshot_findings(stream_id, replay.open_holds(), snapshots.pop(stream_id, {})))
 
     async for row in conn.cursor(_HOLD_WALLET_EVENTS, prefetch=2000):
-        if replay is None or "wallet:" + replay.user_id != row["stream_id"]:
+        if replay is None or replay.stream_id != row["stream_id"]:
             wallet_done()
             replay = _HoldReplay(row["stream_id"])
         before = len(replay.problems)
         try:
             data = msgspec.json.decode(row["data"])
             replay.apply(row["event_type"], row["kind"], row["event_id"], data, row["recorded_at"])
-        except (KeyError, TypeError, ValueError, AttributeError, msgspec.DecodeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError, msgspec.DecodeError) as exc:
             replay.fail(f"the {row['event_type']} cannot be replayed: {exc!r}", "well-formed fields",
                         row["data"][:200])  # fmt: skip
         findings.extend(

@@ -206,7 +206,7 @@ BEGIN
         v_after := v_balance + (r.flow).user_sign * r.amount;
         -- What the wallet's active holds reserve is not available to a flow that takes credits. (The
         -- key test first, here: a call of tally_held costs a query even for a wallet without holds,
-        -- measured at 7-10% of the raw-SQL spend rate.)
+        -- measured at 10-13% of the raw-SQL spend rate.)
         v_held := CASE WHEN (r.flow).user_sign < 0 AND v_stream.state ? 'holds'
                        THEN tally_held(v_stream.state, r.asset, v_now) ELSE 0 END;
         IF r.expected_version IS NOT NULL AND v_stream.version <> r.expected_version THEN
