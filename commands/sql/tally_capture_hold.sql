@@ -55,7 +55,7 @@ BEGIN
         RETURN;
     END IF;
     SELECT * INTO STRICT v_stream FROM streams WHERE stream_id = v_placed.stream_id FOR UPDATE;
-    v_prior := tally_claim_command(v_client, v_key, (p_command ->> 'fingerprint')::bytea, v_context);
+    v_prior := tally_claim_command(v_client, v_key);
     IF v_prior.command_id IS NOT NULL THEN
         RETURN QUERY SELECT r.outcome, r.body, r.replayed FROM tally_replay(
             v_prior, v_client, (p_command ->> 'fingerprint')::bytea, (p_command ->> 'legacy_fingerprint')::bytea) r;
@@ -107,7 +107,7 @@ BEGIN
                                                'created_at', tally_timestamp_text(v_now),
                                                'consistency_token', v_event.o_token);
     END IF;
-    PERFORM tally_record_outcome(v_client, v_key, outcome, v_body, v_stream.stream_id, v_event_id);
+    PERFORM tally_record_outcome(v_client, v_key, (p_command ->> 'fingerprint')::bytea, v_context, outcome, v_body, v_stream.stream_id, v_event_id);
     body := v_body::text;
     replayed := false;
     RETURN NEXT;

@@ -1,34 +1,43 @@
--- Step 1 of every command: claim its Idempotency-Key, in its client's namespace, by inserting the
--- command's row, before any stream is locked; except that a command that waits for its wallet's
+-- Step 1 of every command: claim its Idempotency-Key, in its client's namespace, for this
+-- transaction, and find what is recorded under it. The claim is a transaction-scoped advisory lock
+-- on the key (tally_key_lock): a concurrent duplicate blocks here until the owner commits (then it
+-- finds the owner's row, complete) or rolls back (then it owns the key). Returns NULL when nothing
+-- is recorded under the key (this transaction now owns it), or the row recorded before (its
+-- outcome is then replayed, tally_replay). The row itself is written once, whole, with its outcome
+-- (tally_record_outcome), and only for an outcome a command records: a command refused without a
+-- record writes nothing, and the claim goes with its transaction. (Measured, issue 11: a row
+-- inserted to claim the key and updated with the outcome left a dead row per command; on a database
+-- without aggressive autovacuum `commands` bloated and throughput fell by a fifth.)
+--
+-- The claim comes before any stream is locked; except that a command that waits for its wallet's
 -- lock takes that lock first (the lifecycle commands, tally_reverse_transaction says why, and the
 -- retried batches of tally_post_transactions), so that none waits for a key while another waits
--- for its wallet. `p_request` is the request's fingerprint as the API
--- computed it; the row stores it bound to the client (tally_fingerprint). Returns NULL when this
--- transaction now owns the key, or the row recorded under it before (its outcome is then replayed,
--- tally_replay): one statement when the key is new. A concurrent duplicate blocks on the primary
--- key inside this INSERT until the owner commits (then it finds the owner's row, complete) or rolls
--- back (then it owns the key). The row's outcome is written once, by tally_record_outcome in the
--- same transaction, or, for a command refused without a record (an unknown asset or wallet), the
--- row is deleted before that transaction commits: no committed row is ever without an outcome, and
--- the claim held the key until then. Two clients' keys never meet: the same key from another
--- client is another command.
+-- for its wallet. A batch claims its keys in ascending order of their locks (tally_key_lock, then
+-- the key), so no two batches wait for each other's keys. Two clients' keys never meet: the same
+-- key from another client is another command (two keys whose locks collide only wait for each
+-- other, a moment).
 -- Proven by tests/integration/test_idempotency.py::test_concurrent_duplicates_have_one_effect and
 -- tests/integration/test_two_servers.py.
-CREATE OR REPLACE FUNCTION tally_claim_command(
-    p_client uuid, p_command_id text, p_request bytea, p_metadata jsonb
-) RETURNS commands LANGUAGE plpgsql AS $$
+DROP FUNCTION IF EXISTS tally_claim_command(uuid, text, bytea, jsonb);
+CREATE OR REPLACE FUNCTION tally_claim_command(p_client uuid, p_command_id text) RETURNS commands
+LANGUAGE plpgsql AS $$
 DECLARE
     v_prior commands;
 BEGIN
-    INSERT INTO commands (client_id, command_id, fingerprint, metadata)
-    VALUES (p_client, p_command_id, tally_fingerprint(p_client, p_request), p_metadata)
-    ON CONFLICT (client_id, command_id) DO NOTHING;
-    IF FOUND THEN
-        RETURN NULL;
-    END IF;
-    SELECT * INTO STRICT v_prior FROM commands WHERE client_id = p_client AND command_id = p_command_id;
+    PERFORM pg_advisory_xact_lock(tally_key_lock_class(), tally_key_lock(p_client, p_command_id));
+    SELECT * INTO v_prior FROM commands WHERE client_id = p_client AND command_id = p_command_id;
     RETURN v_prior;
 END $$;
+
+-- The advisory lock that claims a key: the two-part form (its own class, then a hash of the client
+-- and the key), so it never meets Tally's one-part locks (projector, projections, migrations).
+CREATE OR REPLACE FUNCTION tally_key_lock_class() RETURNS int LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT 1952541769  -- 'tall' in ASCII
+$$;
+CREATE OR REPLACE FUNCTION tally_key_lock(p_client uuid, p_command_id text) RETURNS int
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT hashtext(p_client::text || '/' || p_command_id)
+$$;
 
 -- A command's stored fingerprint: the request's, bound to the client that sent it.
 CREATE OR REPLACE FUNCTION tally_fingerprint(p_client uuid, p_request bytea) RETURNS bytea

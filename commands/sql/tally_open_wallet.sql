@@ -23,7 +23,7 @@ DECLARE
     v_event record;
     v_body jsonb;
 BEGIN
-    v_prior := tally_claim_command(v_client, v_key, v_fingerprint, v_context);
+    v_prior := tally_claim_command(v_client, v_key);
     IF v_prior.command_id IS NOT NULL THEN
         RETURN QUERY SELECT r.outcome, r.body, r.replayed FROM tally_replay(
             v_prior, v_client, v_fingerprint, (p_command ->> 'legacy_fingerprint')::bytea) r;
@@ -34,7 +34,7 @@ BEGIN
     ON CONFLICT (stream_id) DO NOTHING;
     IF NOT FOUND THEN
         v_body := tally_rejection('wallet_exists', format('a wallet for user %s already exists', v_user_id));
-        PERFORM tally_record_outcome(v_client, v_key, 'wallet_exists', v_body, v_stream, NULL);
+        PERFORM tally_record_outcome(v_client, v_key, v_fingerprint, v_context, 'wallet_exists', v_body, v_stream, NULL);
         RETURN QUERY SELECT 'wallet_exists', v_body::text, false;
         RETURN;
     END IF;
@@ -44,6 +44,6 @@ BEGIN
     v_body := v_data || jsonb_build_object('version', 1, 'balances', '[]'::jsonb,
                                            'created_at', tally_timestamp_text(v_now),
                                            'consistency_token', v_event.o_token);
-    PERFORM tally_record_outcome(v_client, v_key, 'accepted', v_body, v_stream, v_event_id);
+    PERFORM tally_record_outcome(v_client, v_key, v_fingerprint, v_context, 'accepted', v_body, v_stream, v_event_id);
     RETURN QUERY SELECT 'accepted', v_body::text, false;
 END $$;

@@ -48,7 +48,7 @@ BEGIN
         END IF;
         RETURN;
     END IF;
-    v_prior := tally_claim_command(v_client, v_key, (p_command ->> 'fingerprint')::bytea, v_context);
+    v_prior := tally_claim_command(v_client, v_key);
     IF v_prior.command_id IS NOT NULL THEN
         RETURN QUERY SELECT r.outcome, r.body, r.replayed FROM tally_replay(
             v_prior, v_client, (p_command ->> 'fingerprint')::bytea, (p_command ->> 'legacy_fingerprint')::bytea) r;
@@ -83,7 +83,7 @@ BEGIN
          WHERE stream_id = v_stream.stream_id;
         v_body := tally_hold_body(v_data, 0, v_amount, 'active', v_now, v_event.o_token);
     END IF;
-    PERFORM tally_record_outcome(v_client, v_key, outcome, v_body, v_stream.stream_id, v_hold_id);
+    PERFORM tally_record_outcome(v_client, v_key, (p_command ->> 'fingerprint')::bytea, v_context, outcome, v_body, v_stream.stream_id, v_hold_id);
     body := v_body::text;
     replayed := false;
     RETURN NEXT;

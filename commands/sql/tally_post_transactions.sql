@@ -17,12 +17,13 @@
 -- it was replayed.
 --
 -- Rules that keep a batch safe:
--- * Two passes. Pass 1, in ascending (client, key) order, claims every key (tally_claim_command),
---   answers replays and the refusals that are not recorded; pass 2, in ascending wallet order
---   (request order within one wallet), locks each wallet row, decides, appends and records. No
+-- * Two passes. Pass 1, in ascending order of the keys' locks (tally_key_lock, then client and
+--   key), claims every key (tally_claim_command), answers replays and the refusals that are not
+--   recorded; pass 2, in ascending wallet order (request order within one wallet), locks each
+--   wallet row, decides, appends and records: each command's row is written once, whole. No
 --   batch can deadlock another: pass 2 never waits for a wallet (SKIP LOCKED, below); a batch
---   waits only for keys, in ascending order, or, given p_lock_wait_ms, for its one wallet before
---   any key. (A review found that claiming keys in wallet order could deadlock.) Proven by
+--   waits only for keys, in ascending lock order, or, given p_lock_wait_ms, for its one wallet
+--   before any key. (A review found that claiming keys in wallet order could deadlock.) Proven by
 --   tests/integration/test_group_commit.py.
 -- * The amount must be 1 to 10^15 (domain/values.py, MAX_AMOUNT) and every field the caller must
 --   give must be there: the HTTP API refuses anything else first, so a command that gets here
@@ -30,9 +31,9 @@
 -- * A key recorded before replays its stored outcome; a key repeated within the batch gets the
 --   outcome of its first claimed occurrence, marked replayed (or idempotency_key_reused if its
 --   request differs). Unknown assets and wallets are refused without a record, so the key stays
---   free for a later, valid request; but the refused command claims its key like any other and lets
---   it go only at the end, so no other transaction uses the key meanwhile, and concurrent batches
---   have one serial order (found by tests/integration/test_model_based.py, which stages concurrent
+--   free for a later, valid request; but the refused command claims its key like any other and
+--   holds the claim until commit, so no other transaction uses the key meanwhile, and concurrent
+--   batches have one serial order (found by tests/integration/test_model_based.py, which stages concurrent
 --   batches). The existence checks read what is committed, unlocked: a wallet opened while a batch
 --   runs may be seen or not. Streams are never removed, so a wallet seen stays there until commit.
 -- * insufficient_funds and version_mismatch are decisions on the ledger's state: recorded and
@@ -82,15 +83,13 @@ DECLARE
     o_first int[] := array_fill(NULL::int, ARRAY[n]);  -- a repeated key: its first occurrence
     o_fingerprint bytea[] := array_fill(NULL::bytea, ARRAY[n]);
     claimed int[] := '{}';                              -- the commands whose keys this call claimed
-    v_last_client uuid;                                 -- pass 1 goes in (client, key) order: a
-    v_last_key text;                                    -- repeated key follows its first occurrence
-    v_last_claim int;                                   -- directly
+    v_last_client uuid;                                 -- pass 1 goes in key-lock order: a repeated
+    v_last_key text;                                    -- key follows its first occurrence directly
+    v_last_claim int;
     r record;
     v_prior commands;
     v_replay record;
     v_refusal jsonb;
-    v_let_go_client uuid[] := '{}';                     -- keys held only for refused commands
-    v_let_go text[] := '{}';
     v_stream streams;
     v_stream_id text;
     v_now timestamptz;
@@ -113,10 +112,10 @@ BEGIN
          ORDER BY stream_id COLLATE "C" FOR UPDATE;
     END IF;
 
-    -- Pass 1, in (client, key) order: replays, and the claim of every other key; refusals of
-    -- unknown assets and wallets claim their key too, and let it go at the end.
+    -- Pass 1, in key-lock order: replays, and the claim of every other key; refusals of unknown
+    -- assets and wallets claim their key too (and write nothing: it is free again at commit).
     FOR r IN SELECT * FROM tally_transaction_commands(p_commands) c
-              ORDER BY c.client, c.key COLLATE "C", c.i
+              ORDER BY tally_key_lock(c.client, c.key), c.client, c.key COLLATE "C", c.i
     LOOP
         IF r.key IS NULL OR r.client IS NULL OR r.fingerprint IS NULL OR r.kind IS NULL OR r.user_id IS NULL
            OR r.asset IS NULL OR r.amount IS NULL OR r.amount NOT BETWEEN 1 AND 1000000000000000 THEN
@@ -128,7 +127,7 @@ BEGIN
             v_last_client := r.client;
             v_last_key := r.key;
             v_last_claim := NULL;
-            v_prior := tally_claim_command(r.client, r.key, r.fingerprint, r.context);
+            v_prior := tally_claim_command(r.client, r.key);
             IF v_prior.command_id IS NOT NULL THEN  -- recorded before, or by a duplicate that just committed
                 v_replay := tally_replay(v_prior, r.client, r.fingerprint, r.legacy_fingerprint);
                 o_outcome[r.i] := v_replay.outcome;
@@ -153,23 +152,14 @@ BEGIN
             WHEN NOT EXISTS (SELECT 1 FROM streams WHERE stream_id = 'wallet:' || r.user_id) THEN
                 tally_rejection('wallet_not_found', format('no wallet for user %s', r.user_id))
         END;
-        IF v_refusal IS NOT NULL THEN
+        IF v_refusal IS NOT NULL THEN  -- nothing is written for it: the key stays free
             o_outcome[r.i] := v_refusal ->> 'code';
             o_body[r.i] := v_refusal::text;
-            v_let_go_client := v_let_go_client || r.client;
-            v_let_go := v_let_go || r.key;
             CONTINUE;
         END IF;
-        IF v_let_go[array_length(v_let_go, 1)] = r.key AND v_let_go_client[array_length(v_let_go, 1)] = r.client
-        THEN
-            -- An earlier occurrence, refused, claimed the key with its own request: the claim is
-            -- this command's now (found by the model-based test: the outcome had been recorded
-            -- under the refused request's fingerprint).
-            DELETE FROM commands c WHERE c.client_id = r.client AND c.command_id = r.key AND c.outcome IS NULL;
-            PERFORM tally_claim_command(r.client, r.key, r.fingerprint, r.context);
-            v_let_go := v_let_go[:array_length(v_let_go, 1) - 1];
-            v_let_go_client := v_let_go_client[:array_length(v_let_go_client, 1) - 1];
-        END IF;
+        -- (An earlier occurrence of the key, refused, recorded nothing: the key is this command's,
+        -- and its outcome is recorded under its own request; the model-based test found a release
+        -- that recorded it under the refused request's fingerprint.)
         claimed := claimed || r.i;
         v_last_claim := r.i;
     END LOOP;
@@ -194,8 +184,6 @@ BEGIN
             o_outcome[r.i] := 'wallet_locked';
             o_body[r.i] := tally_rejection('wallet_locked',
                 format('wallet %s is locked by another transaction', r.user_id))::text;
-            v_let_go_client := v_let_go_client || r.client;
-            v_let_go := v_let_go || r.key;
             CONTINUE;
         END IF;
         -- Recorded after the wallet's lock, and never before the wallet's previous event: every
@@ -245,15 +233,9 @@ BEGIN
                                                    'created_at', tally_timestamp_text(v_now),
                                                    'consistency_token', v_event.o_token);
         END IF;
-        PERFORM tally_record_outcome(r.client, r.key, o_outcome[r.i], v_body, v_stream_id, v_event_id);
+        PERFORM tally_record_outcome(r.client, r.key, r.fingerprint, r.context, o_outcome[r.i], v_body, v_stream_id,
+                                     v_event_id);
         o_body[r.i] := v_body::text;
-    END LOOP;
-
-    -- Nothing is recorded for a refusal: its key's claim goes, at commit, with this transaction.
-    -- (One primary-key delete each: a join with the arrays could be planned as a scan of commands.)
-    FOR i IN 1 .. coalesce(array_length(v_let_go, 1), 0) LOOP
-        DELETE FROM commands c
-         WHERE c.client_id = v_let_go_client[i] AND c.command_id = v_let_go[i] AND c.outcome IS NULL;
     END LOOP;
 
     FOR i IN 1 .. n LOOP

@@ -1,6 +1,6 @@
 -- History is append-only: events and flows are never updated, deleted or truncated, and a command's
--- row, once it has its outcome, is never deleted or truncated either (the outcome is written once:
--- tally_command_outcome_once.sql; a claim without one, never committed, may be let go). These
+-- row is never deleted or truncated either (it is written once, with its outcome:
+-- tally_record_outcome.sql, tally_command_outcome_once.sql). These
 -- triggers stop anyone who may write the tables (the owner included) from doing it by accident;
 -- tally verify's hash chains catch whoever disables them.
 -- Proven by tests/integration/test_event_store.py::test_history_cannot_be_changed.
@@ -15,7 +15,7 @@ CREATE OR REPLACE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON events
 CREATE OR REPLACE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
     FOR EACH STATEMENT EXECUTE FUNCTION tally_reject_change();
 CREATE OR REPLACE TRIGGER commands_append_only BEFORE DELETE ON commands
-    FOR EACH ROW WHEN (OLD.outcome IS NOT NULL) EXECUTE FUNCTION tally_reject_change();
+    FOR EACH ROW EXECUTE FUNCTION tally_reject_change();
 CREATE OR REPLACE TRIGGER commands_no_truncate BEFORE TRUNCATE ON commands
     FOR EACH STATEMENT EXECUTE FUNCTION tally_reject_change();
 CREATE OR REPLACE TRIGGER flows_append_only BEFORE UPDATE OR DELETE ON flows
