@@ -146,13 +146,14 @@ class _Pending:
     """A transaction command waiting for its batch: its record, the future its caller awaits, its
     wallet, and the moment its caller stops waiting (loop time)."""
 
-    __slots__ = ("deadline", "future", "record", "wallet")
+    __slots__ = ("deadline", "future", "record", "resent", "wallet")
 
     def __init__(self, record: CommandRecord, future: asyncio.Future[_Outcome], wallet: str, deadline: float):
         self.record = record
         self.future = future
         self.wallet = wallet
         self.deadline = deadline
+        self.resent = False  # sent again once after its key was recorded meanwhile (_recorded_meanwhile)
 
 
 class EventStore:
@@ -361,6 +362,20 @@ class EventStore:
                 if not item.future.done():
                     item.future.set_exception(error)
             return
+        if _recorded_meanwhile(exc):
+            # The batch applied nothing; each command sent again replays what was recorded, or
+            # applies once. Once: a second time would be a bug, not a race.
+            log.warning(
+                "a key of a batch of %d commands was recorded meanwhile; sending them again", len(batch)
+            )
+            for item in batch:
+                if not item.future.done():
+                    if item.resent:
+                        item.future.set_exception(exc)
+                        continue
+                    item.resent = True
+                    await self._run_batch([item], lock_wait)
+            return
         if len(batch) == 1:
             if not batch[0].future.done():
                 batch[0].future.set_exception(exc)
@@ -420,6 +435,14 @@ class EventStore:
 
     async def _execute(self, sql: str, record: CommandRecord) -> Accepted:
         try:
+            return await self._execute_once(sql, record)
+        except asyncpg.UniqueViolationError as exc:
+            if not _recorded_meanwhile(exc):
+                raise
+            return await self._execute_once(sql, record)  # it replays what was recorded, or applies once
+
+    async def _execute_once(self, sql: str, record: CommandRecord) -> Accepted:
+        try:
             async with asyncio.timeout(self._timeout), self._pool.acquire(timeout=self._timeout) as conn:
                 try:
                     row = await conn.fetchrow(sql, _json(record), timeout=self._timeout + 1)
@@ -434,6 +457,14 @@ class EventStore:
         if row["outcome"] == ACCEPTED and not row["replayed"] and self._on_append is not None:
             self._on_append()
         return outcome_of(row["outcome"], row["body"], row["replayed"])
+
+
+def _recorded_meanwhile(exc: BaseException) -> bool:
+    """The command's key was recorded by a transaction that took no claim on it (`tally keys adopt`
+    moving an earlier key to this client, or the release before this one during an upgrade) while
+    this one decided it: the primary key of `commands` refused the second record, and the
+    transaction rolled back (commands/sql/tally_claim_command.sql)."""
+    return isinstance(exc, asyncpg.UniqueViolationError) and exc.constraint_name == "commands_pkey"
 
 
 def _fail(items: Sequence[_Pending], error: Exception) -> None:

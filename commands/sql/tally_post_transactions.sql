@@ -176,7 +176,7 @@ BEGIN
         v_stream_id := 'wallet:' || r.user_id;
         -- A batch never waits for a wallet another transaction holds (an operator's session, a
         -- batch of another API process): it would hold up every other command in it. The
-        -- command is refused as `wallet_locked` (its key let go, nothing recorded), and the API
+        -- command is refused as `wallet_locked` (nothing recorded: its key is free at commit), and the API
         -- retries it alone, waiting for that wallet with a bound (p_lock_wait_ms, above).
         -- Proven by tests/integration/test_faults.py (a wallet row locked by another session).
         SELECT * INTO v_stream FROM streams WHERE stream_id = v_stream_id FOR UPDATE SKIP LOCKED;

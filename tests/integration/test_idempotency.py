@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import uuid
 
 import asyncpg
 import pytest
@@ -104,3 +106,33 @@ async def test_not_found_is_not_recorded(pool: asyncpg.Pool, store: EventStore) 
     accepted = await handle(store, command, ctx("early", "t"))
     assert accepted.replayed is False
     assert await stream_balance(pool, "later") == 10
+
+
+async def test_a_key_recorded_meanwhile_without_a_claim_is_replayed(
+    pool: asyncpg.Pool, store: EventStore
+) -> None:
+    """A writer that takes no claim on the key (`tally keys adopt` moving an earlier key to this
+    client; a release before this one during an upgrade) records it while a command decides it:
+    the command's own record waits on the primary key, is refused, its transaction rolls back, and
+    the command sent again replays what the other recorded. Staged: the other writer's row is held
+    uncommitted until the command is seen waiting for it."""
+    await define_asset(store)
+    await open_wallet(store, "adopted")
+    await top_up(store, "adopted", 100)
+    context = ctx("moved-key", "spend 5")
+    stored = {"transaction_id": "recorded-elsewhere", "amount": 5}
+    async with pool.acquire() as other, other.transaction():
+        await other.execute(
+            """INSERT INTO commands (client_id, command_id, fingerprint, metadata, outcome, response)
+               VALUES ($1, $2, tally_fingerprint($1, $3), '{}', 'accepted', $4::jsonb)""",
+            uuid.UUID(context.client_id), context.command_id, context.fingerprint, json.dumps(stored),
+        )  # fmt: skip
+        other_pid = await other.fetchval("SELECT pg_backend_pid()")
+        spending = asyncio.create_task(
+            handle(store, SpendCredits(user_id="adopted", asset="GOLD", amount=5), context)
+        )
+        await lock_waits(pool, lambda waits: any(other_pid in w["blockers"] for w in waits))
+    accepted = await spending
+    assert accepted.replayed
+    assert json.loads(accepted.body) == stored
+    assert await stream_balance(pool, "adopted") == 100  # the spend was not applied as well

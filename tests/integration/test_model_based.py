@@ -70,7 +70,8 @@ commands = st.fixed_dictionaries({
 })  # fmt: skip
 batches = st.lists(st.lists(commands, min_size=1, max_size=6), min_size=2, max_size=3)
 
-# The gate: a two-key advisory lock only this test takes (Tally's own are one-key locks).
+# The gate: a two-key advisory lock only this test takes (class 31250; Tally's key claims use their
+# own class, tally_key_lock_class, and its other locks are one-key locks).
 _CLOSE_GATE = "SELECT pg_advisory_lock(31250, 1)"
 _OPEN_GATE = "SELECT pg_advisory_unlock(31250, 1)"
 _PASS_GATE = "SELECT pg_advisory_xact_lock_shared(31250, 1)"

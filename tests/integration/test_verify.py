@@ -172,7 +172,7 @@ async def test_a_rehashed_overdraft_is_still_caught(pool: asyncpg.Pool, store: E
         ("UPDATE commands SET outcome = 'insufficient_funds' WHERE stream_id = 'wallet:ann' "
          "AND event_id = (SELECT event_id FROM events WHERE stream_id = 'wallet:ann' AND stream_version = 3)",
          "command_outcome", "wallet:ann"),
-        # A command left without its outcome (a claim that should never have been committed).
+        # A command left without its outcome (rows are written whole: only tampering does this).
         ("UPDATE commands SET outcome = NULL, response = NULL WHERE command_id = (SELECT min(command_id) "
          "FROM commands WHERE stream_id = 'wallet:ben')", "command_outcome", "wallet:ben"),
         # A transaction credited to another caller.
