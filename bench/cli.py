@@ -14,7 +14,8 @@ Order of a run, and why:
    until the in-process projector has applied every event, so no scenario pays for the last;
 4. the server is stopped (SIGTERM), so its projector does not compete with the raw-SQL runs;
 5. raw SQL, many wallets, then raw SQL, one hot wallet (the limits the HTTP figures are set
-   against), unless ``--skip-raw``;
+   against), unless ``--skip-raw``; then ``tally verify`` on everything the runs wrote (every
+   balance and rule proven from the events; the report says whether every check passed);
 6. (reads) the kept ``tally_bench_reads`` database, migrated, its two wallets built if missing
    (bench.read_wallets: several minutes the first time, nothing later), every projection caught
    up; a CHECKPOINT; a server on it; the reads over HTTP; the server stopped; the same reads as
@@ -43,6 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import uvloop
 
 from api.settings import Settings, SettingsError, load_settings
@@ -62,6 +64,7 @@ from bench.lag import sample_lag
 from bench.scenarios import HOT_WALLET, LoadLimits, Workload, run_http, run_sql, wallet_ids
 from bench.server import Server, running_server, wait_live
 from bench.sysinfo import CpuSampler, background_load, machine_facts
+from projections.verify import verify
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -430,6 +433,24 @@ def _spends(
                 results=results,
             )
         )
+    _progress("tally verify on what the runs wrote")
+    setup["verify"] = uvloop.run(_verify(target.bench_url))
+    _progress(f"  done: {setup['verify']}")
+
+
+async def _verify(url: str) -> dict[str, Any]:
+    """`tally verify` on the benchmark's database: the speed was not bought with correctness."""
+    conn = await asyncpg.connect(url)
+    try:
+        checked = await verify(conn)
+    finally:
+        await conn.close()
+    return {
+        "ok": checked.ok,
+        "findings": len(checked.findings),
+        "events": checked.events,
+        "seconds": checked.seconds,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

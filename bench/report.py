@@ -333,6 +333,12 @@ def _cpu_lines(report: dict[str, Any]) -> list[str]:
 
 def _notes(report: dict[str, Any]) -> list[str]:
     notes = []
+    checked = report.get("setup", {}).get("verify")
+    if checked:
+        outcome = "every check passed" if checked["ok"] else f"{checked['findings']} FINDINGS"
+        notes.append(
+            f"tally verify after the runs: {outcome} ({checked['events']:,} events, {checked['seconds']:g} s)"
+        )
     background = report["machine"].get("background_pct_of_core")
     if background is not None and background > 20:
         notes.append(
