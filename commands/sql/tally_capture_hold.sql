@@ -25,7 +25,7 @@ DECLARE
     v_final boolean := coalesce((v_cmd ->> 'final')::boolean, true);
     v_placed events;
     v_stream streams;
-    v_prior commands;
+    v_claim record;
     v_entry jsonb;
     v_ended record;
     v_asset text;
@@ -44,11 +44,7 @@ DECLARE
 BEGIN
     SELECT * INTO v_placed FROM events WHERE event_id = v_hold_id AND event_type = 'HoldPlaced';
     IF NOT FOUND THEN
-        RETURN QUERY SELECT * FROM tally_recorded_answer(p_command);
-        IF NOT FOUND THEN
-            RETURN QUERY SELECT 'hold_not_found',
-                tally_rejection('hold_not_found', format('no hold %s', v_hold_id))::text, false;
-        END IF;
+        RETURN QUERY SELECT * FROM tally_recorded_or(p_command, tally_rejection('hold_not_found', format('no hold %s', v_hold_id)));
         RETURN;
     END IF;
     v_asset := v_placed.data ->> 'asset';
@@ -57,13 +53,12 @@ BEGIN
         RETURN QUERY SELECT * FROM tally_asset_forbidden(v_asset);
         RETURN;
     END IF;
-    SELECT * INTO STRICT v_stream FROM streams WHERE stream_id = v_placed.stream_id FOR UPDATE;
-    v_prior := tally_claim_command(v_client, v_key);
-    IF v_prior.command_id IS NOT NULL THEN
-        RETURN QUERY SELECT r.outcome, r.body, r.replayed FROM tally_replay(
-            v_prior, v_client, (p_command ->> 'fingerprint')::bytea, (p_command ->> 'legacy_fingerprint')::bytea) r;
+    SELECT * INTO v_claim FROM tally_lock_and_claim(p_command, v_placed.stream_id);
+    IF v_claim.o_outcome IS NOT NULL THEN
+        RETURN QUERY SELECT v_claim.o_outcome, v_claim.o_body, v_claim.o_replayed;
         RETURN;
     END IF;
+    v_stream := v_claim.o_stream;
     v_now := greatest(clock_timestamp(), v_stream.updated_at);
     v_entry := v_stream.state -> 'holds' -> v_hold_id::text;
     v_remaining := (v_entry ->> 'remaining')::bigint;

@@ -26,7 +26,7 @@ DECLARE
     v_amount bigint := (v_cmd ->> 'amount')::bigint;
     v_seconds int := (v_cmd ->> 'expires_in_seconds')::int;
     v_stream streams;
-    v_prior commands;
+    v_claim record;
     v_now timestamptz;
     v_expires timestamptz;
     v_balance numeric;
@@ -40,23 +40,22 @@ BEGIN
        OR v_seconds NOT BETWEEN 1 AND 2592000 THEN
         RAISE EXCEPTION 'not a valid hold command' USING ERRCODE = 'data_exception';
     END IF;
-    SELECT * INTO v_stream FROM streams WHERE stream_id = 'wallet:' || v_user_id FOR UPDATE;
-    IF NOT FOUND OR NOT EXISTS (SELECT 1 FROM streams WHERE stream_id = 'asset:' || v_asset) THEN
-        RETURN QUERY SELECT * FROM tally_recorded_answer(p_command);
-        IF NOT FOUND THEN
-            RETURN QUERY SELECT r ->> 'code', r::text, false FROM (SELECT CASE
-                WHEN NOT EXISTS (SELECT 1 FROM streams WHERE stream_id = 'asset:' || v_asset) THEN
-                    tally_rejection('asset_not_found', format('asset %s is not defined', v_asset))
-                ELSE tally_rejection('wallet_not_found', format('no wallet for user %s', v_user_id)) END) AS x(r);
-        END IF;
+    -- (Streams are never removed: one seen here is still there when it is locked.)
+    IF NOT EXISTS (SELECT 1 FROM streams WHERE stream_id = 'asset:' || v_asset) THEN
+        RETURN QUERY SELECT * FROM tally_recorded_or(p_command,
+            tally_rejection('asset_not_found', format('asset %s is not defined', v_asset)));
+        RETURN;
+    ELSIF NOT EXISTS (SELECT 1 FROM streams WHERE stream_id = 'wallet:' || v_user_id) THEN
+        RETURN QUERY SELECT * FROM tally_recorded_or(p_command,
+            tally_rejection('wallet_not_found', format('no wallet for user %s', v_user_id)));
         RETURN;
     END IF;
-    v_prior := tally_claim_command(v_client, v_key);
-    IF v_prior.command_id IS NOT NULL THEN
-        RETURN QUERY SELECT r.outcome, r.body, r.replayed FROM tally_replay(
-            v_prior, v_client, (p_command ->> 'fingerprint')::bytea, (p_command ->> 'legacy_fingerprint')::bytea) r;
+    SELECT * INTO v_claim FROM tally_lock_and_claim(p_command, 'wallet:' || v_user_id);
+    IF v_claim.o_outcome IS NOT NULL THEN
+        RETURN QUERY SELECT v_claim.o_outcome, v_claim.o_body, v_claim.o_replayed;
         RETURN;
     END IF;
+    v_stream := v_claim.o_stream;
     v_now := greatest(clock_timestamp(), v_stream.updated_at);
     v_expires := v_now + make_interval(secs => v_seconds);
     v_balance := coalesce((v_stream.state -> 'balances' ->> v_asset)::numeric, 0);

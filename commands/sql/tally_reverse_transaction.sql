@@ -29,7 +29,7 @@ DECLARE
     v_target uuid := (v_cmd ->> 'transaction_id')::uuid;
     v_original events;
     v_stream streams;
-    v_prior commands;
+    v_claim record;
     v_asset text;
     v_user_id text;
     v_now timestamptz;
@@ -49,11 +49,7 @@ BEGIN
     SELECT e.* INTO v_original FROM events e LEFT JOIN flows f ON f.event_type = e.event_type
      WHERE e.event_id = v_target AND tally_event_kind(e.event_type, f.kind IS NOT NULL) = 'transaction';
     IF NOT FOUND THEN
-        RETURN QUERY SELECT * FROM tally_recorded_answer(p_command);
-        IF NOT FOUND THEN
-            RETURN QUERY SELECT 'transaction_not_found',
-                tally_rejection('transaction_not_found', format('no transaction %s', v_target))::text, false;
-        END IF;
+        RETURN QUERY SELECT * FROM tally_recorded_or(p_command, tally_rejection('transaction_not_found', format('no transaction %s', v_target)));
         RETURN;
     END IF;
     v_asset := v_original.data ->> 'asset';
@@ -62,13 +58,12 @@ BEGIN
         RETURN QUERY SELECT * FROM tally_asset_forbidden(v_asset);
         RETURN;
     END IF;
-    SELECT * INTO STRICT v_stream FROM streams WHERE stream_id = v_original.stream_id FOR UPDATE;
-    v_prior := tally_claim_command(v_client, v_key);
-    IF v_prior.command_id IS NOT NULL THEN
-        RETURN QUERY SELECT r.outcome, r.body, r.replayed FROM tally_replay(
-            v_prior, v_client, (p_command ->> 'fingerprint')::bytea, (p_command ->> 'legacy_fingerprint')::bytea) r;
+    SELECT * INTO v_claim FROM tally_lock_and_claim(p_command, v_original.stream_id);
+    IF v_claim.o_outcome IS NOT NULL THEN
+        RETURN QUERY SELECT v_claim.o_outcome, v_claim.o_body, v_claim.o_replayed;
         RETURN;
     END IF;
+    v_stream := v_claim.o_stream;
     v_now := greatest(clock_timestamp(), v_stream.updated_at);
     IF v_original.event_type = 'CreditsReversed' THEN
         outcome := 'not_reversible';
