@@ -1,9 +1,9 @@
 -- The stored answer under a command's Idempotency-Key, when the key is recorded (replayed, or
 -- idempotency_key_reused for a different request: tally_replay); no row when it is not. The
 -- lifecycle commands (tally_reverse_transaction, tally_capture_hold, tally_void_hold,
--- tally_place_hold) ask it, through tally_recorded_or, before refusing a command whose target does not exist, so a retry of a
--- recorded command is answered as recorded, and nothing is claimed for a refusal that records
--- nothing. `p_command` is commands.event_store.CommandRecord as JSON.
+-- tally_place_hold) ask it, through tally_recorded_or, before refusing a command whose target
+-- does not exist, so a retry of a recorded command is answered as recorded, and nothing is
+-- claimed for a refusal that records nothing. `p_command` is commands.event_store.CommandRecord as JSON.
 CREATE OR REPLACE FUNCTION tally_recorded_answer(p_command jsonb)
 RETURNS TABLE (outcome text, body text, replayed boolean) LANGUAGE sql STABLE AS $$
     SELECT r.outcome, r.body, r.replayed
