@@ -10,7 +10,7 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from litestar import Litestar
+from litestar import Litestar, Router
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.middleware.base import DefineMiddleware
@@ -21,6 +21,7 @@ from litestar.plugins.prometheus import PrometheusConfig
 from litestar.static_files import create_static_files_router
 
 from api.auth import Authenticator, BearerAuthentication, require_scope
+from api.batches import BatchController
 from api.controllers import (
     AssetController,
     HoldController,
@@ -122,6 +123,7 @@ def create_app(settings: Settings, *, run_projector: bool = False) -> Litestar:
                 max_queue=settings.command_queue,
                 timeout=settings.command_timeout,
                 lock_wait=settings.lock_timeout,
+                max_batches=settings.batch_concurrency,
             )
             app.state.watcher = watcher
             yield
@@ -154,6 +156,10 @@ def create_app(settings: Settings, *, run_projector: bool = False) -> Litestar:
             TransactionController,
             HoldController,
             SystemController,
+            # A batch's body may be larger than any other request's (TALLY_MAX_BATCH).
+            Router(
+                "/", route_handlers=[BatchController], request_max_body_size=settings.batch_max_body_bytes
+            ),
             health_live,
             health_ready,
             metrics,

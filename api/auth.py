@@ -195,11 +195,13 @@ class BearerAuthentication(AbstractAuthenticationMiddleware):
         return AuthenticationResult(user=principal, auth=None)
 
 
-def route_scope(handler: BaseRouteHandler) -> str:
-    """The scope a route needs: its ``opt["scope"]``; ``admin`` when it names none (closed by default)."""
-    scope = handler.opt.get("scope", ADMIN)
-    assert scope in SCOPES, f"{handler} names an unknown scope {scope!r}"
-    return str(scope)
+def route_scopes(handler: BaseRouteHandler) -> tuple[str, ...]:
+    """The scopes a route needs, any one of them: its ``opt["scope"]`` (or, for a route whose
+    requests check each part's scope, ``opt["scopes_any"]``); ``admin`` when it names none (closed
+    by default)."""
+    scopes = handler.opt.get("scopes_any") or (handler.opt.get("scope", ADMIN),)
+    assert all(scope in SCOPES for scope in scopes), f"{handler} names an unknown scope in {scopes!r}"
+    return tuple(scopes)
 
 
 async def require_scope(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
@@ -215,9 +217,18 @@ async def require_scope(connection: ASGIConnection[Any, Any, Any, Any], handler:
     if connection.scope["path"].startswith("/docs"):
         return  # TALLY_DOCS_PUBLIC=false: any valid key may read the docs
     assert isinstance(principal, Principal)
-    scope = route_scope(handler)
-    if not principal.allows(scope):
-        raise Forbidden(f"this key lacks the scope {scope}", scope=scope)
+    scopes = route_scopes(handler)
+    if not any(principal.allows(scope) for scope in scopes):
+        if len(scopes) == 1:
+            raise Forbidden(f"this key lacks the scope {scopes[0]}", scope=scopes[0])
+        raise Forbidden(f"this key lacks every one of the scopes {', '.join(scopes)}", scope=" ".join(scopes))
+
+
+def scoped_any(*scopes: str) -> dict[str, Any]:
+    """A route any of whose ``scopes`` lets a caller in; the handler then checks each part of the
+    request against its own scope (POST /v1/batches: each command's kind)."""
+    assert all(scope in SCOPES for scope in scopes)
+    return {"opt": {"scopes_any": scopes}}
 
 
 def scoped(scope: str) -> dict[str, Any]:

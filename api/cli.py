@@ -1,4 +1,4 @@
-"""``tally``: migrate, seed, serve, projector, keys, verify, rebuild, balances. Reads DATABASE_URL,
+"""``tally``: migrate, seed, serve, projector, keys, verify, rebuild, balances, batch. Reads DATABASE_URL,
 HOST, PORT and TALLY_* from the environment (see README, "Configuration"); with DATABASE_URL unset it
 runs an embedded PostgreSQL."""
 
@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import csv
 import logging
+import os
 import signal
 import sys
 import time
@@ -22,7 +23,7 @@ from api.database import app_url, create_pool, database_url, owner_url
 from api.keys import ClientInfo, CreatedKey
 from api.migrate import Migrated, MigrationError, migrate
 from api.observability import configure_logging
-from api.settings import Settings, SettingsError, load_settings
+from api.settings import MAX_BATCH_LIMIT, Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
     from projections.anchor import Anchor
@@ -352,6 +353,19 @@ def _parser() -> argparse.ArgumentParser:
     resume = projections_sub.add_parser("resume", help="retry a projection stopped by a poison event")
     resume.add_argument("name", choices=["wallets", "history", "system"])
     _keys_parser(sub.add_parser("keys", help="API clients: create, list, revoke, rotate"))
+    batch = sub.add_parser(
+        "batch",
+        help="send a file of commands (JSON lines) to a running server in batches, with a progress bar",
+    )
+    batch.add_argument("file", help="one command per line, as in POST /v1/batches")
+    batch.add_argument("--url", help="the server's base URL (default: http://HOST:PORT)")
+    batch.add_argument(
+        "--size",
+        type=_batch_size,
+        default=1000,
+        help="commands per batch (default 1000; the server's TALLY_MAX_BATCH at most)",
+    )
+    batch.add_argument("--atomic", action="store_true", help="each batch all or nothing")
     return parser
 
 
@@ -388,6 +402,31 @@ def _keys_parser(keys: argparse.ArgumentParser) -> None:
 # The commands that change the schema or what only the owner may write (clients, rebuild's tables);
 # every other command connects as the application (api/database.py, app_url).
 OWNER_COMMANDS = frozenset({"migrate", "seed", "rebuild", "keys"})
+
+
+def _batch_size(raw: str) -> int:
+    value = int(raw)
+    if not 1 <= value <= MAX_BATCH_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_BATCH_LIMIT:,}")
+    return value
+
+
+def _batch(args: argparse.Namespace, settings: Settings) -> int:
+    """`tally batch FILE`: an API client; needs no database, only the server and a key."""
+    from api.batch_file import BatchFileError, development_secret, send_file
+
+    secret = os.environ.get("TALLY_API_KEY") or development_secret(settings.data_dir)
+    if not secret:
+        print(
+            "tally batch: set TALLY_API_KEY to a key with the scopes of the file's commands", file=sys.stderr
+        )
+        return 2
+    url = args.url or f"http://{settings.host}:{settings.port}"
+    try:
+        return send_file(Path(args.file), url, secret, size=args.size, atomic=args.atomic)
+    except (BatchFileError, OSError) as exc:
+        print(f"tally batch: {exc}", file=sys.stderr)
+        return 2
 
 
 def _dispatch(args: argparse.Namespace, base: str, settings: Settings) -> int:
@@ -430,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tally: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    if args.command == "batch":
+        return _batch(args, settings)
     try:
         with database_url(settings) as url:
             return _dispatch(args, url, settings)

@@ -106,7 +106,7 @@ HoldIdPath = Annotated[str, PathParameter(description="The hold's id (hold_id)."
 TransactionIdPath = Annotated[str, PathParameter(description="The transaction's id (transaction_id).")]
 
 
-def _problems(*statuses: int) -> dict[int, ResponseSpec]:
+def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
     """Problem responses of a route that needs a key: these, and 401, 403 and 429."""
     return {
         s: ResponseSpec(
@@ -129,33 +129,50 @@ def _command_context(
     If-Match are the same precondition). The SQL binds the fingerprint to the client before storing
     it (tally_fingerprint)."""
     principal: Principal = request.user
-    if key is None:
-        raise IdempotencyKeyMissing("every POST needs an Idempotency-Key header")
-    if not _IDEMPOTENCY_KEY.fullmatch(key):
-        raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters")
-    precondition = "" if expected_version is None else str(expected_version)
-    canonical = msgspec.json.encode(body, order="deterministic")
-    fingerprint = CommandContext.fingerprint_of(request.method, request.url.path, canonical, precondition)
-    as_sent = msgspec.json.encode(body)
-    legacy = (
-        None
-        if as_sent == canonical
-        else CommandContext.fingerprint_of(request.method, request.url.path, as_sent, precondition)
-    )
-    metadata = {"path": request.url.path}
-    if request_id := REQUEST_ID.get():
-        metadata["request_id"] = request_id
-    if user_agent := request.headers.get("user-agent"):
-        metadata["user_agent"] = user_agent[:128]
+    key = idempotency_key_of(key)
+    fingerprint, legacy = request_fingerprint(request.method, request.url.path, body, expected_version)
     return CommandContext(
         command_id=key,
         client_id=principal.client_id,
         created_by=principal.name,
         fingerprint=fingerprint,
-        metadata=metadata,
+        metadata=request_metadata(request),
         legacy_fingerprint=legacy,
         assets=None if principal.assets is None else tuple(sorted(principal.assets)),
     )
+
+
+def idempotency_key_of(key: str | None) -> str:
+    """The request's Idempotency-Key header, which every POST needs, checked."""
+    if key is None:
+        raise IdempotencyKeyMissing("every POST needs an Idempotency-Key header")
+    if not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters")
+    return key
+
+
+def request_fingerprint(
+    method: str, path: str, body: msgspec.Struct, expected_version: int | None = None
+) -> tuple[bytes, bytes | None]:
+    """The fingerprint of a request (see _command_context), and the one Tally computed before it
+    sorted the keys of JSON objects when that differs."""
+    precondition = "" if expected_version is None else str(expected_version)
+    canonical = msgspec.json.encode(body, order="deterministic")
+    fingerprint = CommandContext.fingerprint_of(method, path, canonical, precondition)
+    as_sent = msgspec.json.encode(body)
+    if as_sent == canonical:
+        return fingerprint, None
+    return fingerprint, CommandContext.fingerprint_of(method, path, as_sent, precondition)
+
+
+def request_metadata(request: Request[Any, Any, Any]) -> dict[str, str]:
+    """What a command records of the request that sent it: path, request id, user agent."""
+    metadata = {"path": request.url.path}
+    if request_id := REQUEST_ID.get():
+        metadata["request_id"] = request_id
+    if user_agent := request.headers.get("user-agent"):
+        metadata["user_agent"] = user_agent[:128]
+    return metadata
 
 
 def _expected_version(if_match: str | None) -> int | None:
@@ -243,7 +260,7 @@ class AssetController(Controller):
     @post(
         status_code=201,
         summary="Define an asset",
-        responses=_problems(400, 409, 422),
+        responses=problem_responses(400, 409, 422),
         dto=StrictBody[DefineAssetRequest],
         return_dto=None,
         **scoped("assets:write"),
@@ -260,7 +277,7 @@ class AssetController(Controller):
         command = DefineAsset(code=data.code, name=data.name, decimals=data.decimals)
         return await _command("define_asset", store, command, ctx, Asset)
 
-    @get(summary="List assets", responses=_problems(400, 503), **scoped("ledger:read"))
+    @get(summary="List assets", responses=problem_responses(400, 503), **scoped("ledger:read"))
     async def list_assets(
         self, state: State, pool: Pool, consistent_with: ConsistentWith = None
     ) -> AssetList:
@@ -268,12 +285,25 @@ class AssetController(Controller):
         return await queries.list_assets(pool)
 
 
-def _transaction_route(
-    command_type: type[TransactionCommand], segment: str, scope: str, summary: str
-) -> HTTPRouteHandler:
+# Each flow's route, POST /v1/wallets/{user_id}/<segment>, and the scope it needs (a batch's
+# commands of that kind need it too, api/batches.py).
+FLOW_ROUTES: Final = {
+    "top_up": ("top-ups", "credits:top-up"),
+    "bonus": ("bonuses", "credits:bonus"),
+    "spend": ("spends", "credits:spend"),
+}
+
+
+def flow_path(kind: str, user_id: str) -> str:
+    """The path a transaction command of ``kind`` is sent to alone (its fingerprint names it)."""
+    return f"/v1/wallets/{user_id}/{FLOW_ROUTES[kind][0]}"
+
+
+def _transaction_route(command_type: type[TransactionCommand], summary: str) -> HTTPRouteHandler:
     """POST /v1/wallets/{user_id}/<segment>: one implementation for every flow, each with its own
     OpenAPI operation (named after its command, as Litestar named the hand-written ones)."""
     flow = FLOWS_BY_KIND[kind_of(command_type)]
+    segment, scope = FLOW_ROUTES[flow.kind]
     # Only a flow that takes credits from the user can be refused for want of them.
     statuses = (400, 404, 409, 412, 422) if flow.user_sign < 0 else (400, 404, 412, 422)
 
@@ -297,7 +327,7 @@ def _transaction_route(
         f"/{{user_id:str}}/{segment}",
         status_code=201,
         summary=summary,
-        responses=_problems(*statuses),
+        responses=problem_responses(*statuses),
         operation_id=f"V1WalletsUserId{segment_id}{command_type.__name__}",
         dto=StrictBody[MoveCreditsRequest],
         return_dto=None,
@@ -312,7 +342,7 @@ class WalletController(Controller):
     @post(
         status_code=201,
         summary="Open a wallet",
-        responses=_problems(400, 409, 422),
+        responses=problem_responses(400, 409, 422),
         dto=StrictBody[OpenWalletRequest],
         return_dto=None,
         **scoped("wallets:write"),
@@ -331,7 +361,7 @@ class WalletController(Controller):
     @get(
         "/{user_id:str}",
         summary="A wallet's balances and version, now or as of a past moment",
-        responses=_problems(400, 404, 503),
+        responses=problem_responses(400, 404, 503),
         **scoped("ledger:read"),
     )
     async def get_wallet(
@@ -358,19 +388,15 @@ class WalletController(Controller):
         wallet = await _complete(state, lambda: queries.get_wallet(pool, user_id))
         return Response(wallet, headers={"ETag": f'"{wallet.version}"'})
 
-    top_up_credits = _transaction_route(
-        TopUpCredits, "top-ups", "credits:top-up", "Top up (treasury to user)"
-    )
-    grant_bonus = _transaction_route(
-        GrantBonus, "bonuses", "credits:bonus", "Grant a bonus (bonus pool to user)"
-    )
-    spend_credits = _transaction_route(SpendCredits, "spends", "credits:spend", "Spend (user to revenue)")
+    top_up_credits = _transaction_route(TopUpCredits, "Top up (treasury to user)")
+    grant_bonus = _transaction_route(GrantBonus, "Grant a bonus (bonus pool to user)")
+    spend_credits = _transaction_route(SpendCredits, "Spend (user to revenue)")
 
     @post(
         "/{user_id:str}/holds",
         status_code=201,
         summary="Place a hold: reserve part of the available balance until it expires",
-        responses=_problems(400, 404, 409, 422),
+        responses=problem_responses(400, 404, 409, 422),
         dto=StrictBody[PlaceHoldRequest],
         return_dto=None,
         **scoped("holds:write"),
@@ -391,7 +417,7 @@ class WalletController(Controller):
     @get(
         "/{user_id:str}/holds",
         summary="A wallet's holds, newest first",
-        responses=_problems(400, 404, 503),
+        responses=problem_responses(400, 404, 503),
         **scoped("ledger:read"),
     )
     async def wallet_holds(
@@ -423,7 +449,7 @@ class WalletController(Controller):
     @get(
         "/{user_id:str}/transactions",
         summary="A wallet's transactions, newest first",
-        responses=_problems(400, 404, 503),
+        responses=problem_responses(400, 404, 503),
         **scoped("ledger:read"),
     )
     async def wallet_history(
@@ -482,7 +508,7 @@ class TransactionController(Controller):
         "/{transaction_id:str}/reversals",
         status_code=201,
         summary="Reverse (part of) a transaction: its legs negated, at most its amount in all",
-        responses=_problems(400, 404, 409, 422),
+        responses=problem_responses(400, 404, 409, 422),
         dto=StrictBody[ReverseRequest],
         return_dto=None,
         **scoped("credits:reverse"),
@@ -503,7 +529,7 @@ class TransactionController(Controller):
     @get(
         "/{transaction_id:str}",
         summary="One transaction",
-        responses=_problems(400, 404, 503),
+        responses=problem_responses(400, 404, 503),
         **scoped("ledger:read"),
     )
     async def get_transaction(
@@ -524,7 +550,7 @@ class HoldController(Controller):
     @get(
         "/{hold_id:str}",
         summary="One hold",
-        responses=_problems(400, 404, 503),
+        responses=problem_responses(400, 404, 503),
         **scoped("ledger:read"),
     )
     async def get_hold(
@@ -537,7 +563,7 @@ class HoldController(Controller):
         "/{hold_id:str}/captures",
         status_code=201,
         summary="Capture (part of) a hold: a spend of what it reserved",
-        responses=_problems(400, 404, 409, 422),
+        responses=problem_responses(400, 404, 409, 422),
         dto=StrictBody[CaptureRequest],
         return_dto=None,
         **scoped("holds:write"),
@@ -558,7 +584,7 @@ class HoldController(Controller):
         "/{hold_id:str}/void",
         status_code=200,
         summary="Void a hold: release what remains of it (the body is optional)",
-        responses=_problems(400, 404, 409, 422),
+        responses=problem_responses(400, 404, 409, 422),
         dto=StrictBody[VoidRequest],
         return_dto=None,
         **scoped("holds:write"),
@@ -584,7 +610,7 @@ class SystemController(Controller):
     @get(
         "/balances",
         summary="System accounts and users' total per asset (sums to zero)",
-        responses=_problems(400, 503),
+        responses=problem_responses(400, 503),
         **scoped("ledger:read"),
     )
     async def system_balances(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any, Final, TypeVar
 
 import asyncpg
@@ -39,6 +40,7 @@ STATUS_BY_CODE: Final = {
     "not_found": 404,
     "method_not_allowed": 405,
     "payload_too_large": 413,
+    "batch_too_large": 413,
     "insufficient_funds": 409,
     "wallet_exists": 409,
     "asset_exists": 409,
@@ -47,8 +49,10 @@ STATUS_BY_CODE: Final = {
     "capture_exceeds_hold": 409,
     "hold_expired": 409,
     "hold_not_active": 409,
+    "batch_rejected": 409,
     "version_mismatch": 412,
     "idempotency_key_reused": 422,
+    "not_applied": 424,
     "rate_limited": 429,
     "projection_timeout": 503,
     "unavailable": 503,
@@ -107,6 +111,19 @@ def decode_strict(body: bytes, type_: type[T]) -> T:
         return msgspec.convert(parsed, type_, strict=True)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(str(exc)) from None
+
+
+def problem_details(code: str, detail: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The body of the problem+json answer ``problem`` gives (where one answer holds several, as a
+    batch's per-command results do)."""
+    return {
+        "status": STATUS_BY_CODE[code],
+        "type": PROBLEM_TYPE_BASE + code,
+        "title": code.replace("_", " ").capitalize(),
+        "detail": detail,
+        "code": code,
+        **(extra or {}),
+    }
 
 
 def problem(

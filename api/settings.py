@@ -6,7 +6,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Final, TypeVar
 
 import msgspec
 
@@ -90,6 +90,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_body_bytes: int = 64 * 1024
     # Requests per second per client for clients created without --rate-limit; None: unlimited.
     rate_limit: int | None = None
+    # Commands per POST /v1/batches (at most MAX_BATCH_LIMIT). That route's body may hold
+    # BATCH_BYTES_PER_COMMAND per command, plus max_body_bytes (batch_max_body_bytes).
+    max_batch: int = 1000
+    # Batches decided at once per process (each holds a connection of the commands' pool while it
+    # runs); more wait their turn, at most command_timeout.
+    batch_concurrency: int = 2
+
+    @property
+    def batch_max_body_bytes(self) -> int:
+        return self.max_batch * BATCH_BYTES_PER_COMMAND + self.max_body_bytes
+
+
+MAX_BATCH_LIMIT: Final = 10_000
+BATCH_BYTES_PER_COMMAND: Final = 4096
 
 
 def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], default: T) -> T:
@@ -107,6 +121,16 @@ def _positive(convert: Callable[[str], T]) -> Callable[[str], T]:
         value = convert(raw)
         if not value > 0:  # type: ignore[operator]
             raise ValueError("must be greater than zero")
+        return value
+
+    return check
+
+
+def _at_most(limit: int) -> Callable[[str], int]:
+    def check(raw: str) -> int:
+        value = int(raw)
+        if not 1 <= value <= limit:
+            raise ValueError(f"must be 1 to {limit:,}")
         return value
 
     return check
@@ -187,13 +211,18 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         docs_public=_parse(env, "TALLY_DOCS_PUBLIC", _boolean, d.docs_public),
         rate_limit=_parse(env, "TALLY_RATE_LIMIT", _positive(int), d.rate_limit),
         max_body_bytes=_parse(env, "TALLY_MAX_BODY_BYTES", _positive(int), d.max_body_bytes),
+        max_batch=_parse(env, "TALLY_MAX_BATCH", _at_most(MAX_BATCH_LIMIT), d.max_batch),
+        batch_concurrency=_parse(env, "TALLY_BATCH_CONCURRENCY", _positive(int), d.batch_concurrency),
     )
     if settings.pool_min_size > settings.pool_max_size:
         raise SettingsError("TALLY_POOL_MIN_SIZE must not exceed TALLY_POOL_MAX_SIZE")
     if settings.lock_timeout >= settings.command_timeout:
         raise SettingsError("TALLY_LOCK_TIMEOUT must be shorter than TALLY_COMMAND_TIMEOUT")
-    if 2 * settings.command_concurrency + 2 > settings.pool_max_size:
-        # Group batches and the retries of held wallets, up to TALLY_COMMAND_CONCURRENCY each, and
-        # two more for key checks, readiness and single commands.
-        raise SettingsError("TALLY_POOL_MAX_SIZE must be at least twice TALLY_COMMAND_CONCURRENCY, plus 2")
+    if 2 * settings.command_concurrency + settings.batch_concurrency + 2 > settings.pool_max_size:
+        # Group batches and the retries of held wallets, up to TALLY_COMMAND_CONCURRENCY each, the
+        # batches of POST /v1/batches, and two more for key checks, readiness and single commands.
+        raise SettingsError(
+            "TALLY_POOL_MAX_SIZE must be at least twice TALLY_COMMAND_CONCURRENCY, plus "
+            "TALLY_BATCH_CONCURRENCY, plus 2"
+        )
     return settings

@@ -49,6 +49,7 @@ import uvloop
 
 from api.settings import Settings, SettingsError, load_settings
 from bench import read_wallets, reads, report
+from bench.chart import write_chart
 from bench.database import (
     BENCH_DATABASE,
     Target,
@@ -106,7 +107,7 @@ def _deep_events(raw: str) -> int:
     return value
 
 
-SCENARIOS = ("many", "hot", "reads")
+SCENARIOS = ("many", "hot", "batch", "reads")
 _SCENARIO_CHOICES = (*SCENARIOS, "spends")
 
 
@@ -126,7 +127,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--scenario", action="append", choices=_SCENARIO_CHOICES, metavar="NAME",
-        help="run only this scenario (repeatable): many, hot, spends (both), reads; default: all",
+        help="run only this scenario (repeatable): many, hot, spends (both), batch, reads; default: all",
     )  # fmt: skip
     parser.add_argument(
         "--duration", type=_positive_float, default=10.0, help="measured seconds per spend scenario"
@@ -139,6 +140,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--clients-many", type=_positive_int, default=32, help="clients, many wallets")
     parser.add_argument("--clients-hot", type=_positive_int, default=64, help="clients, one hot wallet")
+    parser.add_argument("--clients-batch", type=_positive_int, default=4, help="clients, batches")
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=1000, help="spends per batch (distinct wallets)"
+    )
     parser.add_argument(
         "--max-requests", type=_positive_int, default=1_000_000,
         help="hard cap on requests per scenario, warm-up included",
@@ -339,6 +344,9 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         for workload in (
             Workload("many", f"many wallets ({args.wallets:,})", args.clients_many, many),
             Workload("hot", "one hot wallet", args.clients_hot, [HOT_WALLET]),
+            Workload(
+                "batch", f"batches of {args.batch_size:,}", args.clients_batch, many, batch=args.batch_size
+            ),
         )
         if workload.key in scenarios
     ]
@@ -404,7 +412,7 @@ def _spends(
     results: list[report.Measured],
 ) -> None:
     """The spend scenarios (steps 1 to 5 of the module doc); fills ``setup``, ``pg`` and ``results``."""
-    many = next((w.user_ids for w in workloads if w.key == "many"), [])
+    many = next((w.user_ids for w in workloads if w.key in {"many", "batch"}), [])
     user_ids = [*many, HOT_WALLET]
     _progress(f"setting up {BENCH_DATABASE}: {len(many):,} wallets + 1 hot wallet")
     prepared, facts = uvloop.run(_prepare(target, user_ids))
@@ -482,6 +490,11 @@ def _run_and_report(args: argparse.Namespace, settings: Settings) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
     report.write_json(result, args.json)
+    picture = write_chart(result, args.json.with_suffix(".png"))
     print(report.format_table(result))
-    print(f"\nreport: {args.json}  (total {result['total_runtime_s']:g} s)")
+    print(
+        f"\nreport: {args.json}"
+        + (f", chart: {picture}" if picture else "")
+        + f"  (total {result['total_runtime_s']:g} s)"
+    )
     return 0

@@ -69,6 +69,7 @@ class LoadResult:
     capped: bool = False
     cancelled_clients: int = 0
     cpu: dict[str, float | None] = field(default_factory=dict)
+    weight: int = 1  # spends per request: 1, or a batch's size
 
     @property
     def requests(self) -> int:
@@ -76,7 +77,10 @@ class LoadResult:
 
     @property
     def spends_per_s(self) -> float:
-        return self.successes / self.measured_elapsed_s if self.measured_elapsed_s > 0 else 0.0
+        """Spends (transactions) decided per second: successful requests times their weight."""
+        if self.measured_elapsed_s <= 0:
+            return 0.0
+        return self.successes * self.weight / self.measured_elapsed_s
 
     def latency_ms(self) -> dict[str, float | None]:
         """p50/p90/p99/max/mean in milliseconds (nearest-rank percentiles), None when empty."""
@@ -154,9 +158,11 @@ async def run_load(
     max_requests: int,
     grace: float = 15.0,
     sampler: CpuSampler | None = None,
+    weight: int = 1,
 ) -> LoadResult:
-    """Run ``clients`` closed-loop clients for ``warmup`` + ``duration`` seconds (see module doc)."""
-    result = LoadResult(clients=clients, warmup_s=warmup, duration_s=duration)
+    """Run ``clients`` closed-loop clients for ``warmup`` + ``duration`` seconds (see module doc);
+    each request is ``weight`` spends (a batch's size)."""
+    result = LoadResult(clients=clients, warmup_s=warmup, duration_s=duration, weight=weight)
     spenders = [make_spender(i) for i in range(clients)]
     now = time.perf_counter()
     window = _Window(measure_start=now + warmup, deadline=now + warmup + duration, max_requests=max_requests)

@@ -37,7 +37,7 @@ from bench.httpclient import HttpConnection
 from bench.load import Failure, LoadResult, Spender, run_load
 from bench.server import HOST
 from bench.sysinfo import CpuSampler
-from commands import CommandContext, EventStore
+from commands import CommandContext, CommandRecord, EventStore
 from domain import SpendCredits
 
 SPEND_AMOUNT = 1
@@ -53,10 +53,11 @@ def wallet_ids(count: int) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class Workload:
-    key: str  # "many" or "hot"
+    key: str  # "many", "hot" or "batch"
     title: str
     clients: int
     user_ids: Sequence[str]
+    batch: int = 0  # "batch": the spends per request (distinct wallets, POST /v1/batches)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,63 @@ class HttpSpender:
         self._connection.close()
 
 
+class _Status(msgspec.Struct):
+    status: int
+
+
+class _BatchAnswer(msgspec.Struct):
+    results: list[_Status]
+
+
+_BATCH_ANSWER = msgspec.json.Decoder(_BatchAnswer)
+
+
+def _batch_failure(answer: bytes, size: int) -> Failure | None:
+    """None when every one of the batch's ``size`` spends was applied."""
+    statuses = [r.status for r in _BATCH_ANSWER.decode(answer).results]
+    if len(statuses) == size and all(status == 201 for status in statuses):
+        return None
+    refused = [status for status in statuses if status != 201]
+    return f"{len(refused)} of {size} refused", answer[:300].decode("utf-8", "replace")
+
+
+class HttpBatcher:
+    """One HTTP client sending POST /v1/batches: each request ``size`` spends of 1 over distinct
+    wallets drawn at random, each under its own key, the batch under one more."""
+
+    __slots__ = ("_commands", "_connection", "_key_prefix", "_port", "_seq", "_size")
+
+    def __init__(self, port: int, user_ids: Sequence[str], key_prefix: str, size: int) -> None:
+        self._connection = HttpConnection(HOST, port)
+        self._port = port
+        # Each wallet's command up to its key's value.
+        self._commands = [
+            b'{"kind":"spend","user_id":"%s","asset":"%s","amount":%d,"key":"'
+            % (u.encode(), ASSET.encode(), SPEND_AMOUNT)
+            for u in user_ids
+        ]
+        self._key_prefix = key_prefix.encode()
+        self._size = size
+        self._seq = 0
+
+    async def spend(self) -> Failure | None:
+        self._seq += 1
+        key = b"%s%d" % (self._key_prefix, self._seq)
+        chosen = random.sample(self._commands, self._size)
+        body = b'{"commands":[%s]}' % b",".join(b'%s%s-%d"}' % (c, key, i) for i, c in enumerate(chosen))
+        head = (
+            b"POST /v1/batches HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer %s\r\nContent-Length: %d\r\nIdempotency-Key: %s\r\n\r\n"
+        ) % (HOST.encode(), self._port, BENCH_SECRET.encode(), len(body), key)
+        status, answer = await self._connection.request(head + body)
+        if status != 200:
+            return f"HTTP {status}", answer[:300].decode("utf-8", "replace")
+        return _batch_failure(answer, self._size)
+
+    def close(self) -> None:
+        self._connection.close()
+
+
 def _request_heads(port: int, user_ids: Sequence[str]) -> list[bytes]:
     """Everything of a spend request up to the Idempotency-Key's value, per wallet."""
     return [
@@ -117,6 +175,8 @@ async def run_http(
     heads = _request_heads(port, workload.user_ids)
 
     def make(index: int) -> Spender:
+        if workload.batch:
+            return HttpBatcher(port, workload.user_ids, f"{tag}-{index}-", workload.batch)
         return HttpSpender(port, heads, f"{tag}-{index}-")
 
     return await run_load(
@@ -126,6 +186,7 @@ async def run_http(
         duration=limits.duration,
         max_requests=limits.max_requests,
         sampler=sampler,
+        weight=workload.batch or 1,
     )
 
 
@@ -180,6 +241,36 @@ class SqlSpender:
         pass
 
 
+class SqlBatcher:
+    """One raw-SQL client sending the same batches straight to the event store
+    (``EventStore.post_batch``: the records the batch controller would build, one call)."""
+
+    __slots__ = ("_key_prefix", "_plans", "_seq", "_size", "_store")
+
+    def __init__(self, store: EventStore, plans: Sequence[SpendPlan], key_prefix: str, size: int) -> None:
+        self._store = store
+        self._plans = plans
+        self._key_prefix = key_prefix
+        self._size = size
+        self._seq = 0
+
+    async def spend(self) -> Failure | None:
+        self._seq += 1
+        prefix = f"{self._key_prefix}{self._seq}-"
+        records = [
+            CommandRecord.of(bench_context(f"{prefix}{i}", plan.fingerprint, plan.metadata), plan.command)
+            for i, plan in enumerate(random.sample(self._plans, self._size))
+        ]
+        result = await self._store.post_batch(records, atomic=False)
+        refused = [outcome for outcome, _, replayed in result.outcomes if outcome != "accepted" or replayed]
+        if refused:
+            return f"{len(refused)} of {self._size} refused", ", ".join(sorted(set(refused)))
+        return None
+
+    def close(self) -> None:
+        pass
+
+
 async def run_sql(
     workload: Workload,
     *,
@@ -195,10 +286,12 @@ async def run_sql(
     sized = msgspec.structs.replace(settings, pool_min_size=connections, pool_max_size=connections)
     pool = await create_pool(url, sized, "tally-bench-raw")
     try:
-        store = EventStore(pool)
+        store = EventStore(pool, max_batches=connections)
         plans = spend_plans(workload.user_ids)
 
         def make(index: int) -> Spender:
+            if workload.batch:
+                return SqlBatcher(store, plans, f"{tag}-{index}-", workload.batch)
             return SqlSpender(store, plans, f"{tag}-{index}-")
 
         return await run_load(
@@ -208,6 +301,7 @@ async def run_sql(
             duration=limits.duration,
             max_requests=limits.max_requests,
             sampler=sampler,
+            weight=workload.batch or 1,
         )
     finally:
         await pool.close()

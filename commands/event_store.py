@@ -39,6 +39,7 @@ from commands.errors import (
 )
 from domain import (
     ACCEPTED,
+    RECORDED_OUTCOMES,
     REJECTIONS,
     CaptureHold,
     DefineAsset,
@@ -59,8 +60,22 @@ _REVERSE_TRANSACTION = "SELECT outcome, body, replayed FROM tally_reverse_transa
 _PLACE_HOLD = "SELECT outcome, body, replayed FROM tally_place_hold($1::jsonb)"
 _CAPTURE_HOLD = "SELECT outcome, body, replayed FROM tally_capture_hold($1::jsonb)"
 _VOID_HOLD = "SELECT outcome, body, replayed FROM tally_void_hold($1::jsonb)"
+_POST_ATOMIC = (
+    "SELECT idx, outcome, body, replayed, applied FROM tally_post_atomic($1::jsonb, $2::int, $3::bool)"
+)
+_BATCH_ANSWER = (
+    "SELECT same_request, applied, outcome, body, replayed "
+    "FROM tally_batch_answer($1::uuid, $2::text, $3::bytea)"
+)
+_RECORD_BATCH = "SELECT tally_record_batch($1::uuid, $2::text, $3::bytea, $4::bool, $5::bool, $6::jsonb)"
+# A non-atomic batch is decided in transactions of at most this many commands: each claimed key
+# holds an entry of PostgreSQL's shared lock table until its transaction ends (README, "Faults and
+# limits"). An atomic batch is one transaction, whatever its size.
+BATCH_CHUNK = 1000
 # Not a decision: the command's wallet was held by another transaction (its key was let go).
 WALLET_LOCKED = "wallet_locked"
+# Not a decision either: a command of a batch that could not be decided now (retry it, with its key).
+UNAVAILABLE = "unavailable"
 
 _Outcome = tuple[str, str, bool]  # outcome, body, replayed
 
@@ -142,6 +157,22 @@ def outcome_of(outcome: str, body: str, replayed: bool) -> Accepted:
     raise error
 
 
+class BatchResult(msgspec.Struct, frozen=True):
+    """A batch's answer: each command's (outcome, body, replayed), in request order, and whether the
+    batch was applied (an atomic batch with a refused command applies none; a non-atomic batch is
+    always applied, command by command). An outcome may be ``unavailable``: not decided now."""
+
+    outcomes: list[tuple[str, str, bool]]
+    applied: bool
+
+
+class RecordedBatch(msgspec.Struct, frozen=True):
+    """The answer recorded under a batch's key, and whether it was recorded for this very request."""
+
+    same_request: bool
+    result: BatchResult
+
+
 class _Pending:
     """A transaction command waiting for its batch: its record, the future its caller awaits, its
     wallet, and the moment its caller stops waiting (loop time)."""
@@ -180,6 +211,7 @@ class EventStore:
         max_queue: int = 2000,
         timeout: float = 10.0,
         lock_wait: float = 2.0,
+        max_batches: int = 2,
     ) -> None:
         self._pool = pool
         self._on_append = on_append
@@ -195,6 +227,7 @@ class EventStore:
         self._retries: dict[str, list[_Pending]] = {}  # per wallet being retried: commands to retry
         self._in_flight = 0
         self._retry_slots = asyncio.Semaphore(max_in_flight)
+        self._batch_slots = asyncio.Semaphore(max_batches)
         self._tasks: set[asyncio.Task[None]] = set()  # references, so tasks are not collected
 
     @property
@@ -242,6 +275,147 @@ class EventStore:
                 "retry with the same Idempotency-Key: it replays or applies once"
             ) from None
         return outcome_of(*outcome)
+
+    async def post_batch(
+        self, records: Sequence[CommandRecord], *, atomic: bool, reject: bool = False
+    ) -> BatchResult:
+        """Decide a batch of transaction commands (POST /v1/batches), each under its own key, in
+        request order per wallet. At most ``max_batches`` run at once per process (beyond: they
+        wait their turn, at most ``timeout``).
+
+        Atomic: one transaction that waits for its wallets (at most ``lock_wait``) and applies
+        every command or, when one is refused or ``reject`` (the caller refused one before sending
+        it), none. Non-atomic: transactions of up to BATCH_CHUNK commands that never wait for a
+        wallet another transaction holds; those commands are then sent again, waiting for their
+        wallets (``unavailable`` when one stays held past ``lock_wait``)."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._batch_slots.acquire()
+        except TimeoutError:
+            raise Overloaded(f"batches of this process stayed busy for {self._timeout:g} s") from None
+        try:
+            result = await self._decide_batch(records, atomic, reject)
+        except Exception as exc:
+            if is_transient(exc):  # what failed applied nothing; sent again, each key replays or applies
+                raise Unavailable(f"the batch could not be decided: {describe(exc)}") from exc
+            raise
+        finally:
+            self._batch_slots.release()
+        return result
+
+    async def _decide_batch(
+        self, records: Sequence[CommandRecord], atomic: bool, reject: bool
+    ) -> BatchResult:
+        try:
+            if atomic:
+                rows = await self._send_batch(_POST_ATOMIC, records, self._lock_wait_ms(), reject)
+                result = BatchResult(
+                    [(r["outcome"], r["body"], r["replayed"]) for r in rows],
+                    bool(rows and rows[0]["applied"]),
+                )
+            else:
+                outcomes: list[tuple[str, str, bool]] = []
+                for start in range(0, len(records), BATCH_CHUNK):
+                    outcomes += await self._post_chunk(records[start : start + BATCH_CHUNK])
+                result = BatchResult(outcomes, applied=True)
+        finally:
+            if self._on_append is not None:  # whatever committed (a non-atomic batch's earlier chunks)
+                self._on_append()
+        return result
+
+    async def _post_chunk(self, records: Sequence[CommandRecord]) -> list[tuple[str, str, bool]]:
+        rows = await self._send_batch(_POST_TRANSACTIONS, records, None)
+        outcomes = [(r["outcome"], r["body"], r["replayed"]) for r in rows]
+        held = [i for i, (outcome, _, _) in enumerate(outcomes) if outcome == WALLET_LOCKED]
+        if not held:
+            return outcomes
+        # The commands of wallets another transaction held, again, waiting for those wallets: all
+        # together, or, when one of them stays held, wallet by wallet (the others are decided).
+        wallets: dict[str, list[int]] = {}
+        for i in held:
+            wallets.setdefault(_wallet_of(records[i]), []).append(i)
+        groups = [held] if len(wallets) == 1 else [held, *wallets.values()]
+        for group in groups:
+            try:
+                retried = await self._send_batch(
+                    _POST_TRANSACTIONS, [records[i] for i in group], self._lock_wait_ms()
+                )
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                if group is held and len(groups) > 1:
+                    continue  # one wallet at a time, then
+                for i in group:
+                    outcomes[i] = _not_decided(f"the command could not be decided: {describe(exc)}")
+                continue
+            for row in retried:
+                outcomes[group[row["idx"] - 1]] = (row["outcome"], row["body"], row["replayed"])
+            if group is held:
+                break
+        for i, (outcome, _, _) in enumerate(outcomes):
+            if outcome == WALLET_LOCKED:  # cannot happen: a call that waits locks its wallets first
+                outcomes[i] = _not_decided(f"wallet {_wallet_of(records[i])} stayed locked")
+        return outcomes
+
+    def _lock_wait_ms(self) -> int:
+        return max(1, round(self._lock_wait * 1000))
+
+    async def _send_batch(
+        self, sql: str, records: Sequence[CommandRecord], *args: Any
+    ) -> list[asyncpg.Record]:
+        """One call of a batch function, sent once more if a key was recorded meanwhile (then it
+        replays); a database that was away, slow or busy raises whatever it raised, for the caller
+        to tell apart."""
+        payload = _json(list(records))
+        for attempt in (1, 2):
+            try:
+                async with self._pool.acquire(timeout=self._timeout) as conn:
+                    try:
+                        return await conn.fetch(sql, payload, *args, timeout=self._timeout + 1)
+                    except BaseException as exc:
+                        close_broken(conn, exc)
+                        raise
+            except asyncpg.UniqueViolationError as exc:
+                if attempt == 2 or not _recorded_meanwhile(exc):
+                    raise
+        raise AssertionError("unreachable")
+
+    async def batch_answer(self, client: str, key: str, fingerprint: bytes) -> RecordedBatch | None:
+        """The answer recorded under a batch's key, or None."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            rows = await conn.fetch(_BATCH_ANSWER, client, key, fingerprint, timeout=self._timeout)
+        if not rows:
+            return None
+        if any(r["body"] is None for r in rows):  # a command's row is never removed: tampering
+            raise RuntimeError(f"batch {key} of client {client} names a command that is not recorded")
+        outcomes = [(r["outcome"], r["body"], r["replayed"]) for r in rows]
+        return RecordedBatch(rows[0]["same_request"], BatchResult(outcomes, rows[0]["applied"]))
+
+    async def record_batch(
+        self,
+        client: str,
+        key: str,
+        fingerprint: bytes,
+        *,
+        atomic: bool,
+        result: BatchResult,
+        keys: Sequence[str],
+    ) -> bool:
+        """Record a batch's answer under its key; False when a concurrent duplicate recorded one
+        first (answer that one: ``batch_answer``). Each command's response is kept here only when
+        its own key does not record it (migrations/0010_batches.sql)."""
+        results = []
+        for key_of, (outcome, body, replayed) in zip(keys, result.outcomes, strict=True):
+            entry: dict[str, Any] = {"key": key_of, "outcome": outcome, "replayed": replayed}
+            if not (result.applied and outcome in RECORDED_OUTCOMES):
+                entry["body"] = msgspec.Raw(body.encode())
+            results.append(entry)
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            recorded: bool = await conn.fetchval(
+                _RECORD_BATCH, client, key, fingerprint, atomic, result.applied, _json(results),
+                timeout=self._timeout,
+            )  # fmt: skip
+        return recorded
 
     def _enqueue(self, item: _Pending) -> None:
         if item.wallet in self._held:
@@ -465,6 +639,17 @@ def _recorded_meanwhile(exc: BaseException) -> bool:
     this one decided it: the primary key of `commands` refused the second record, and the
     transaction rolled back (commands/sql/tally_claim_command.sql)."""
     return isinstance(exc, asyncpg.UniqueViolationError) and exc.constraint_name == "commands_pkey"
+
+
+def _not_decided(detail: str) -> tuple[str, str, bool]:
+    """The outcome of a batch's command that could not be decided now (503: retry it)."""
+    return UNAVAILABLE, _json({"code": UNAVAILABLE, "detail": detail}), False
+
+
+def _wallet_of(record: CommandRecord) -> str:
+    command = record.command
+    assert isinstance(command, TransactionCommand)
+    return command.user_id
 
 
 def _fail(items: Sequence[_Pending], error: Exception) -> None:

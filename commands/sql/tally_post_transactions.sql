@@ -92,6 +92,7 @@ DECLARE
     v_refusal jsonb;
     v_stream streams;
     v_stream_id text;
+    v_held_user text;                                   -- pass 2: the wallet found held by another
     v_now timestamptz;
     v_writer xid8;                                      -- this transaction's, once it appends
     v_balance numeric;
@@ -179,8 +180,16 @@ BEGIN
         -- command is refused as `wallet_locked` (nothing recorded: its key is free at commit), and the API
         -- retries it alone, waiting for that wallet with a bound (p_lock_wait_ms, above).
         -- Proven by tests/integration/test_faults.py (a wallet row locked by another session).
-        SELECT * INTO v_stream FROM streams WHERE stream_id = v_stream_id FOR UPDATE SKIP LOCKED;
-        IF NOT FOUND THEN  -- the wallet exists (pass 1) and streams are never removed: it is held
+        -- Once a wallet is found held, its later commands in this call are not decided either, even
+        -- if it is let go meanwhile: a wallet's commands are decided in request order (a batch's
+        -- top-up, then the spend it pays for).
+        IF r.user_id IS DISTINCT FROM v_held_user THEN
+            SELECT * INTO v_stream FROM streams WHERE stream_id = v_stream_id FOR UPDATE SKIP LOCKED;
+            IF NOT FOUND THEN  -- the wallet exists (pass 1) and streams are never removed: it is held
+                v_held_user := r.user_id;
+            END IF;
+        END IF;
+        IF r.user_id = v_held_user THEN
             o_outcome[r.i] := 'wallet_locked';
             o_body[r.i] := tally_rejection('wallet_locked',
                 format('wallet %s is locked by another transaction', r.user_id))::text;

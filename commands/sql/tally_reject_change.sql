@@ -1,6 +1,6 @@
--- History is append-only: events and flows are never updated, deleted or truncated, and a command's
--- row is never deleted or truncated either (it is written once, with its outcome:
--- tally_record_outcome.sql, tally_command_outcome_once.sql). These
+-- History is append-only: events, flows and batches' answers are never updated, deleted or
+-- truncated, and a command's row is never deleted or truncated either (it is written once, with
+-- its outcome: tally_record_outcome.sql, tally_command_outcome_once.sql). These
 -- triggers stop anyone who may write the tables (the owner included) from doing it by accident;
 -- tally verify's hash chains catch whoever disables them.
 -- Proven by tests/integration/test_event_store.py::test_history_cannot_be_changed.
@@ -21,4 +21,8 @@ CREATE OR REPLACE TRIGGER commands_no_truncate BEFORE TRUNCATE ON commands
 CREATE OR REPLACE TRIGGER flows_append_only BEFORE UPDATE OR DELETE ON flows
     FOR EACH ROW EXECUTE FUNCTION tally_reject_change();
 CREATE OR REPLACE TRIGGER flows_no_truncate BEFORE TRUNCATE ON flows
+    FOR EACH STATEMENT EXECUTE FUNCTION tally_reject_change();
+CREATE OR REPLACE TRIGGER batches_append_only BEFORE UPDATE OR DELETE ON batches
+    FOR EACH ROW EXECUTE FUNCTION tally_reject_change();
+CREATE OR REPLACE TRIGGER batches_no_truncate BEFORE TRUNCATE ON batches
     FOR EACH STATEMENT EXECUTE FUNCTION tally_reject_change();

@@ -19,7 +19,7 @@ import msgspec
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
-from api.auth import CACHE_SECONDS, SCOPES, route_scope
+from api.auth import CACHE_SECONDS, SCOPES, route_scopes
 from api.keys import create_client, revoke_client, rotate_client
 from api.settings import Settings
 from tests.api.support import (
@@ -63,7 +63,10 @@ def routes(client: AsyncTestClient) -> list[tuple[str, str, str]]:  # type: igno
             if method in {"HEAD", "OPTIONS"} or route.path in OPEN or route.path.startswith("/docs"):
                 continue
             path = re.sub(r"\{(\w+):\w+\}", lambda m: PATH_VALUES[m.group(1)], route.path)
-            found.append((method, path, route_scope(handler[0] if isinstance(handler, tuple) else handler)))
+            scopes = route_scopes(handler[0] if isinstance(handler, tuple) else handler)
+            if len(scopes) > 1:  # each part of its request needs its own: tests/api/test_batches.py
+                continue
+            found.append((method, path, scopes[0]))
     return sorted(found)
 
 

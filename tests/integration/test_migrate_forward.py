@@ -124,6 +124,7 @@ async def test_a_database_built_by_the_first_five_migrations_migrates_forward(db
             "0007_clients.sql",
             "0008_bounded_reads.sql",
             "0009_reversals_and_holds.sql",
+            "0010_batches.sql",
         ]
         assert migrated.flows == ["bonus", "spend", "top_up"]
 
@@ -246,7 +247,7 @@ async def test_the_baseline_builds_what_the_history_built(db_url: str, admin_url
             done = await migrate(fresh)
             assert done.migrations == [
                 "0005_baseline.sql", "0006_typed_events_domain_outcomes.sql", "0007_clients.sql",
-                "0008_bounded_reads.sql", "0009_reversals_and_holds.sql",
+                "0008_bounded_reads.sql", "0009_reversals_and_holds.sql", "0010_batches.sql",
             ]  # fmt: skip
         finally:
             await fresh.close()

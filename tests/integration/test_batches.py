@@ -1,0 +1,164 @@
+"""Batches (EventStore.post_batch, the functions behind POST /v1/batches) under real concurrent
+transactions: batches, atomic and not, and single commands on the same wallets never deadlock and
+never overdraw; a held wallet is waited for without reordering its commands; an atomic batch is
+all or nothing. Races are staged: a wallet is held (as an operator's `SELECT … FOR UPDATE` would
+hold it) until the contenders are seen waiting, each in its own transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import asyncpg
+import msgspec
+import pytest
+
+from commands import CommandRecord, EventStore
+from commands.errors import Unavailable
+from commands.event_store import UNAVAILABLE, BatchResult
+from domain import InsufficientFunds, SpendCredits, TopUpCredits
+from projections.verify import verify
+from tests.helpers import (
+    ctx,
+    define_asset,
+    event_balance,
+    holding_wallet,
+    lock_waits,
+    open_wallet,
+    projected,
+    record,
+    stream_balance,
+    top_up,
+)
+
+
+def outcomes(result: BatchResult) -> list[str]:
+    return [outcome for outcome, _, _ in result.outcomes]
+
+
+async def test_concurrent_batches_and_single_commands_never_deadlock_or_overdraw(pool: asyncpg.Pool) -> None:
+    store = EventStore(pool, max_batches=8, lock_wait=20.0, timeout=60.0)
+    await define_asset(store)
+    users = [f"w{i:02d}" for i in range(12)]
+    for user in users:
+        await open_wallet(store, user)
+        await top_up(store, user, 100)
+    rng = random.Random(7)
+
+    def spends(amount: int, order: list[str]) -> list[CommandRecord]:
+        return [record(SpendCredits(user_id=u, asset="GOLD", amount=amount)) for u in order]
+
+    batches = [(spends(10, rng.sample(users, len(users)) * 3), False) for _ in range(3)]
+    batches += [(spends(25, rng.sample(users, 6)), True) for _ in range(3)]
+
+    singles = [SpendCredits(user_id=rng.choice(users), asset="GOLD", amount=10) for _ in range(24)]
+
+    async def alone(command: SpendCredits) -> tuple[str, str]:
+        try:
+            await store.post_transaction(ctx(), command)
+        except InsufficientFunds:
+            return command.user_id, "insufficient_funds"
+        return command.user_id, "accepted"
+
+    # Two wallets held while everything starts: the atomic batches that name them wait, the
+    # non-atomic ones decide the rest and come back for them; then they are let go.
+    async with holding_wallet(pool, users[0]) as first, holding_wallet(pool, users[1]) as second:
+        running = [asyncio.create_task(store.post_batch(r, atomic=a)) for r, a in batches]
+        lone = [asyncio.create_task(alone(c)) for c in singles]
+        waits = await lock_waits(
+            pool, lambda w: len({x["pid"] for x in w if {first, second} & set(x["blockers"])}) >= 2
+        )
+        assert waits
+    results = await asyncio.wait_for(asyncio.gather(*running), 120)
+    single_outcomes = await asyncio.wait_for(asyncio.gather(*lone), 120)
+
+    spent = dict.fromkeys(users, 0)
+    for (records, atomic), result in zip(batches, results, strict=True):
+        assert set(outcomes(result)) <= {"accepted", "insufficient_funds"}, outcomes(result)
+        if atomic:
+            assert result.applied == (set(outcomes(result)) == {"accepted"})
+        for rec, (outcome, _, _) in zip(records, result.outcomes, strict=True):
+            if outcome == "accepted" and result.applied:
+                spent[rec.command.user_id] += rec.command.amount
+    for user, outcome in single_outcomes:
+        if outcome == "accepted":
+            spent[user] += 10
+    for user in users:
+        balance = await stream_balance(pool, user)
+        assert balance >= 0
+        assert balance == 100 - spent[user], user
+        assert await event_balance(pool, user) == balance
+    # Every wallet ran dry or close: the batches really contended for the same credits.
+    assert sum(spent.values()) > 100 * len(users) * 0.8
+    await projected(pool)
+    async with pool.acquire() as conn:
+        report = await verify(conn)
+    assert report.ok, report.findings
+
+
+async def test_a_held_wallet_is_waited_for_in_request_order(pool: asyncpg.Pool) -> None:
+    """A non-atomic batch decides the wallets it can and waits for a held one; that wallet's
+    commands then run in request order (the top-up first, then the spend it pays for)."""
+    store = EventStore(pool, lock_wait=30.0, timeout=60.0)
+    await define_asset(store)
+    for user in ("held", "free"):
+        await open_wallet(store, user)
+    commands = [
+        record(TopUpCredits(user_id="held", asset="GOLD", amount=10)),
+        record(TopUpCredits(user_id="free", asset="GOLD", amount=5)),
+        record(SpendCredits(user_id="held", asset="GOLD", amount=10)),
+    ]
+    async with holding_wallet(pool, "held") as holder:
+        batch = asyncio.create_task(store.post_batch(commands, atomic=False))
+        await lock_waits(pool, lambda w: any(holder in x["blockers"] for x in w))
+        assert await stream_balance(pool, "free") == 5  # decided and committed while "held" waits
+    result = await asyncio.wait_for(batch, 60)
+    assert outcomes(result) == ["accepted", "accepted", "accepted"]
+    assert await stream_balance(pool, "held") == 0
+
+
+async def test_a_wallet_held_past_the_lock_wait(pool: asyncpg.Pool) -> None:
+    """Non-atomic: the held wallet's commands are `unavailable` (not decided, nothing recorded) and
+    the others decided. Atomic: the whole batch is Unavailable, nothing applied."""
+    store = EventStore(pool, lock_wait=0.2)
+    await define_asset(store)
+    for user in ("held", "free"):
+        await open_wallet(store, user)
+    held = record(TopUpCredits(user_id="held", asset="GOLD", amount=10), "H")
+    free = record(TopUpCredits(user_id="free", asset="GOLD", amount=5), "F")
+    async with holding_wallet(pool, "held"):
+        result = await asyncio.wait_for(store.post_batch([held, free], atomic=False), 30)
+        assert outcomes(result) == [UNAVAILABLE, "accepted"]
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(store.post_batch([free, held], atomic=True), 30)
+    assert await pool.fetchval("SELECT count(*) FROM commands WHERE command_id = 'H'") == 0
+    assert await stream_balance(pool, "free") == 5
+    again = await store.post_batch([held, free], atomic=True)
+    assert [(o, r) for o, _, r in again.outcomes] == [("accepted", False), ("accepted", True)]
+    assert again.applied
+
+
+async def test_an_atomic_batch_applies_nothing_when_one_is_refused(pool: asyncpg.Pool) -> None:
+    store = EventStore(pool)
+    await define_asset(store)
+    for user in ("a", "b"):
+        await open_wallet(store, user)
+    await top_up(store, "a", 50)
+    before = await pool.fetchval("SELECT count(*) FROM events")
+    keys_before = await pool.fetchval("SELECT count(*) FROM commands")
+    batch = [
+        record(TopUpCredits(user_id="b", asset="GOLD", amount=10)),
+        record(SpendCredits(user_id="a", asset="GOLD", amount=60)),
+    ]
+    result = await store.post_batch(batch, atomic=True)
+    assert not result.applied
+    assert outcomes(result) == ["accepted", "insufficient_funds"]  # the store's view; the API says 424
+    assert await pool.fetchval("SELECT count(*) FROM events") == before
+    assert await pool.fetchval("SELECT count(*) FROM commands") == keys_before
+    assert (await stream_balance(pool, "a"), await stream_balance(pool, "b")) == (50, 0)
+    # Refused by its caller (a scope it lacks): nothing applied either, though every one would be.
+    refused = await store.post_batch(batch[:1], atomic=True, reject=True)
+    assert not refused.applied
+    assert await stream_balance(pool, "b") == 0
+    body = msgspec.json.decode(refused.outcomes[0][1])
+    assert body["balance_after"] == 10  # what it would have been: the caller answers 424 instead
