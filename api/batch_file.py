@@ -1,6 +1,7 @@
 """``tally batch FILE``: send a file of commands (JSON lines, each one command of POST /v1/batches:
 ``{"kind", "user_id", "asset", "amount", "key", "reference"?, "metadata"?}``) to a running Tally, in
-batches, with a progress bar: a 100,000-user bonus campaign from the command line.
+batches (of ``--size`` commands, fewer when their lines are long), with a progress bar: a
+100,000-user bonus campaign from the command line.
 
 It is an API client like any other: it sends as the key in ``TALLY_API_KEY`` (or, in development,
 the key ``make run`` printed, kept in ``TALLY_DATA_DIR/development-key``), and each command needs
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from api.batches import BatchCommand
 from api.errors import InvalidRequest, decode_strict
+from api.settings import BATCH_BYTES_PER_COMMAND, Settings
 
 RETRIES: Final = 8
 SHOWN_REFUSALS: Final = 20
@@ -73,10 +75,10 @@ def send_file(path: Path, url: str, secret: str, *, size: int, atomic: bool, out
         httpx.Client(base_url=url, headers=headers, timeout=120) as http,
         tqdm(total=len(lines), unit="cmd", file=out, unit_scale=True, disable=None) as bar,
     ):
-        for start in range(0, len(lines), size):
-            chunk = lines[start : start + size]
+        for number, (start, end) in enumerate(_chunks(lines, size)):
+            chunk = lines[start:end]
             body = b'{"atomic":%s,"commands":[%s]}' % (b"true" if atomic else b"false", b",".join(chunk))
-            key = f"tally-batch:{digest.hex()[:32]}:{size}:{'atomic' if atomic else 'each'}:{start // size}"
+            key = f"tally-batch:{digest.hex()[:32]}:{size}:{'atomic' if atomic else 'each'}:{number}"
             answer, replayed = _post(http, body, key)
             results = answer.get("results")
             if not isinstance(results, list):
@@ -92,7 +94,7 @@ def send_file(path: Path, url: str, secret: str, *, size: int, atomic: bool, out
     refused = sum(tally.refused.values())
     codes = ", ".join(f"{code} {n:,}" for code, n in tally.refused.most_common())
     print(
-        f"batch: {total:,} commands in {(total + size - 1) // size:,} batches, {elapsed:.1f} s "
+        f"batch: {total:,} commands in {len(_chunks(lines, size)):,} batches, {elapsed:.1f} s "
         f"({total / elapsed:,.0f}/s): {tally.applied:,} applied, {tally.replayed:,} replayed, "
         f"{refused:,} refused" + (f" ({codes})" if refused else ""),
         file=out,
@@ -102,6 +104,21 @@ def send_file(path: Path, url: str, secret: str, *, size: int, atomic: bool, out
     if refused > len(tally.refusals):
         print(f"  ... and {refused - len(tally.refusals):,} more", file=out)
     return 1 if refused else 0
+
+
+def _chunks(lines: list[bytes], size: int) -> list[tuple[int, int]]:
+    """(start, end) of each batch: at most ``size`` commands, and at most the bytes a server whose
+    TALLY_MAX_BATCH is ``size`` takes in one body (4 KiB per command, plus 64 KiB), so that commands
+    with large metadata go in smaller batches. The same file and size always give the same batches."""
+    budget = size * BATCH_BYTES_PER_COMMAND + Settings().max_body_bytes - 64
+    chunks, start, used = [], 0, 0
+    for i, line in enumerate(lines):
+        if i > start and (i - start == size or used + len(line) + 1 > budget):
+            chunks.append((start, i))
+            start, used = i, 0
+        used += len(line) + 1
+    chunks.append((start, len(lines)))
+    return chunks
 
 
 def _post(http: httpx.Client, body: bytes, key: str) -> tuple[dict[str, Any], bool]:

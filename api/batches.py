@@ -30,9 +30,9 @@ from api.controllers import (
 from api.dto import MoveCreditsRequest, StrictBody
 from api.errors import problem, problem_details
 from api.observability import COMMANDS
-from api.settings import MAX_BATCH_LIMIT, Settings
-from commands import CommandContext, EventStore
-from commands.event_store import UNAVAILABLE, WALLET_LOCKED, BatchResult, CommandRecord
+from api.settings import Settings
+from commands import CommandContext
+from commands.event_store import UNAVAILABLE, WALLET_LOCKED, BatchResult, BatchSession, CommandRecord
 from domain import ACCEPTED, FLOWS_BY_KIND
 from domain.values import Amount, AssetCode, Metadata, UserId
 from domain.values import Reference as TxReference
@@ -43,6 +43,10 @@ log = logging.getLogger("tally.commands")
 # A command's key, as the Idempotency-Key header of a command sent alone.
 CommandKey = Annotated[str, msgspec.Meta(pattern=r"^[\x20-\x7e]{1,255}(?!\n)$")]
 _NOT_APPLIED: Final = "not_applied"
+REUSED: Final = "idempotency_key_reused"
+_REUSED_BODY: Final = msgspec.json.encode(
+    {"code": REUSED, "detail": "this key was used for a different command earlier in this batch"}
+).decode()
 _NOT_APPLIED_BODY: Final = msgspec.json.encode(
     {"code": _NOT_APPLIED, "detail": "the atomic batch was rejected: this command was not applied"}
 ).decode()
@@ -64,7 +68,7 @@ class BatchRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """``commands`` (1 to TALLY_MAX_BATCH, default 1,000), decided in request order per wallet.
     ``atomic``: all of them or, when any would be refused, none (409 ``batch_rejected``)."""
 
-    commands: Annotated[list[BatchCommand], msgspec.Meta(min_length=1, max_length=MAX_BATCH_LIMIT)]
+    commands: Annotated[list[BatchCommand], msgspec.Meta(min_length=1)]
     atomic: bool = False
 
 
@@ -131,19 +135,20 @@ class BatchController(Controller):
                 f"{len(commands)}", extra={"max_batch": settings.max_batch},
             )  # fmt: skip
         fingerprint, _ = request_fingerprint(request.method, request.url.path, data)
-        recorded = await store.batch_answer(principal.client_id, batch_key, fingerprint)
-        if recorded is None:
-            result = await _decide(store, principal, request_metadata(request), data)
-            if not _decided(result):  # not recorded: sent again, each command replays or applies once
-                return _answer(request, data, result, replayed=False)
-            keys = [command.key for command in commands]
-            if await store.record_batch(
-                principal.client_id, batch_key, fingerprint, atomic=data.atomic, result=result, keys=keys
-            ):
-                return _answer(request, data, result, replayed=False)
-            # A duplicate of this batch recorded its answer first: that one is the answer.
-            recorded = await store.batch_answer(principal.client_id, batch_key, fingerprint)
-            assert recorded is not None  # recorded rows are never removed
+        async with store.batch(principal.client_id, batch_key) as session:
+            recorded = await session.answer(principal.client_id, batch_key, fingerprint)
+            if recorded is None:
+                result = await _decide(session, principal, request_metadata(request), data)
+                if not _decided(result):  # not recorded: sent again, each command replays or applies once
+                    return _answer(request, data, result, replayed=False)
+                keys = [command.key for command in commands]
+                if await session.record(
+                    principal.client_id, batch_key, fingerprint, atomic=data.atomic, result=result, keys=keys
+                ):
+                    return _answer(request, data, result, replayed=False)
+                # Recorded meanwhile by a writer that took no claim (cannot happen): that answer stands.
+                recorded = await session.answer(principal.client_id, batch_key, fingerprint)
+                assert recorded is not None  # recorded rows are never removed
         if not recorded.same_request:
             return problem(
                 request, "idempotency_key_reused", "this Idempotency-Key was used for a different batch"
@@ -191,38 +196,50 @@ def _record_of(principal: Principal, metadata: dict[str, str], command: BatchCom
 
 
 async def _decide(
-    store: EventStore, principal: Principal, metadata: dict[str, str], data: BatchRequest
+    session: BatchSession, principal: Principal, metadata: dict[str, str], data: BatchRequest
 ) -> BatchResult:
-    """Every command's outcome, in request order: refused here for want of a scope or an asset,
-    else decided by the event store. A rejected atomic batch answers 424 ``not_applied`` for each
-    command it would have applied."""
+    """Every command's outcome, in request order: refused here for want of a scope or an asset;
+    a repeated key answered as its first occurrence (422 when its content differs), never sent;
+    the rest decided by the event store. A rejected atomic batch answers 424 ``not_applied`` for
+    each command it would have applied."""
     outcomes: list[tuple[str, str, bool]] = [("", "", False)] * len(data.commands)
     records: list[CommandRecord] = []
     sent: list[int] = []
+    first: dict[str, tuple[int, bytes]] = {}  # key -> its first occurrence, and that one's fingerprint
+    repeats: dict[int, int] = {}  # a repeat of a key -> its first occurrence
     for i, command in enumerate(data.commands):
+        record = _record_of(principal, metadata, command)
+        occurrence = first.setdefault(command.key, (i, record.fingerprint.encode()))
+        if occurrence[0] != i:
+            if occurrence[1] == record.fingerprint.encode():
+                repeats[i] = occurrence[0]
+            else:
+                outcomes[i] = (REUSED, _REUSED_BODY, False)
+            continue
         refusal = _forbidden(principal, command)
         if refusal is not None:
             outcomes[i] = refusal
         else:
-            records.append(_record_of(principal, metadata, command))
+            records.append(record)
             sent.append(i)
-    refused = len(sent) < len(outcomes)
+    refused = len(sent) + len(repeats) < len(outcomes)
     decided = (
-        await store.post_batch(records, atomic=data.atomic, reject=refused)
+        await session.post(records, atomic=data.atomic, reject=refused)
         if records
         else BatchResult([], applied=not data.atomic)
     )
     for i, outcome in zip(sent, decided.outcomes, strict=True):
         outcomes[i] = outcome
-    if not data.atomic:
-        return BatchResult(outcomes, applied=True)
-    if decided.applied and not refused:
-        return BatchResult(outcomes, applied=True)
-    not_applied = (_NOT_APPLIED, _NOT_APPLIED_BODY, False)
-    return BatchResult(
-        [not_applied if o == ACCEPTED and not replayed else (o, b, replayed) for o, b, replayed in outcomes],
-        applied=False,
-    )
+    applied = not data.atomic or (decided.applied and not refused)
+    if not applied:
+        outcomes = [
+            (_NOT_APPLIED, _NOT_APPLIED_BODY, False) if o == ACCEPTED and not replayed else (o, b, replayed)
+            for o, b, replayed in outcomes
+        ]
+    for i, j in repeats.items():
+        its, body, _ = outcomes[j]
+        outcomes[i] = (its, body, its not in {UNAVAILABLE, _NOT_APPLIED})
+    return BatchResult(outcomes, applied=applied)
 
 
 def _answer(

@@ -46,7 +46,7 @@ def write_chart(report: dict[str, Any], path: Path) -> Path | None:
         ax.set_xticks(range(len(workloads)), [titles[w] for w in workloads], fontsize=8)
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
-    rate_ax.set_ylabel("spends per second (a batch counts each spend)")
+    rate_ax.set_ylabel("per second: spends (each of a batch's), or reads")
     rate_ax.set_title("Throughput", fontsize=10)
     rate_ax.legend(fontsize=8, loc="upper left")
     latency_ax.set_ylabel("milliseconds per request (p50, p99)")

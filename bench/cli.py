@@ -107,7 +107,7 @@ def _deep_events(raw: str) -> int:
     return value
 
 
-SCENARIOS = ("many", "hot", "batch", "reads")
+SCENARIOS = ("many", "hot", "batch", "get", "many-2p", "reads")
 _SCENARIO_CHOICES = (*SCENARIOS, "spends")
 
 
@@ -127,7 +127,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--scenario", action="append", choices=_SCENARIO_CHOICES, metavar="NAME",
-        help="run only this scenario (repeatable): many, hot, spends (both), batch, reads; default: all",
+        help="run only this scenario (repeatable): many, hot, spends (both), batch, get, many-2p, reads; "
+        "default: all",
     )  # fmt: skip
     parser.add_argument(
         "--duration", type=_positive_float, default=10.0, help="measured seconds per spend scenario"
@@ -141,6 +142,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients-many", type=_positive_int, default=32, help="clients, many wallets")
     parser.add_argument("--clients-hot", type=_positive_int, default=64, help="clients, one hot wallet")
     parser.add_argument("--clients-batch", type=_positive_int, default=4, help="clients, batches")
+    parser.add_argument("--clients-get", type=_positive_int, default=32, help="clients, wallet reads")
     parser.add_argument(
         "--batch-size", type=_positive_int, default=1000, help="spends per batch (distinct wallets)"
     )
@@ -214,7 +216,7 @@ async def _prepare(target: Target, user_ids: list[str]) -> tuple[dict[str, float
 
 
 async def _http_phase(
-    server: Server,
+    servers: list[Server],
     target: Target,
     workloads: list[Workload],
     *,
@@ -223,21 +225,26 @@ async def _http_phase(
     postmaster: int | None,
     results: list[report.Measured],
 ) -> float:
-    health_s = await wait_live(server)
+    health_s = max([await wait_live(server) for server in servers])
     for workload in workloads:
         await checkpoint(target.bench_url)
         _progress(
             f"HTTP {workload.title}: {workload.clients} clients, {limits.warmup:g}+{limits.duration:g} s"
         )
+        used = servers[: workload.processes]
         sampler = CpuSampler({
-            "server": (_pids(server.pid), True),
+            "server": (_pids(*(server.pid for server in used)), True),
             "postgres": (_pids(postmaster), True),
             "load_generator": (_pids(os.getpid()), False),
         })  # fmt: skip
         key_prefix = f"{tag}-http-{workload.key}"
         async with sample_lag(target.bench_url) as lag:
             result = await run_http(
-                workload, port=server.port, tag=key_prefix, limits=limits, sampler=sampler
+                workload,
+                ports=[server.port for server in used],
+                tag=key_prefix,
+                limits=limits,
+                sampler=sampler,
             )
         caught_up = await wait_for_projections(target.bench_url, max_wait=PROJECTION_WAIT_TIMEOUT)
         accepted = await accepted_commands(target.bench_url, key_prefix + "-")
@@ -246,9 +253,13 @@ async def _http_phase(
                 workload, "http", result, caught_up, accepted_in_database=accepted, lag_ms=lag.summary_ms()
             )
         )
-        _progress(f"  {result.spends_per_s:,.0f} spends/s, {sum(result.errors.values())} errors")
-        if server.process.poll() is not None:
-            raise RuntimeError(f"the server exited during the run:\n{server.log_tail()}")
+        _progress(
+            f"  {result.spends_per_s:,.0f} {'reads' if workload.read else 'spends'}/s, "
+            f"{sum(result.errors.values())} errors"
+        )
+        for server in servers:
+            if server.process.poll() is not None:
+                raise RuntimeError(f"a server exited during the run:\n{server.log_tail()}")
     return health_s
 
 
@@ -347,6 +358,8 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
             Workload(
                 "batch", f"batches of {args.batch_size:,}", args.clients_batch, many, batch=args.batch_size
             ),
+            Workload("get", f"GET a wallet ({args.wallets:,})", args.clients_get, many, read=True),
+            Workload("many-2p", "many wallets, 2 API processes", args.clients_many, many, processes=2),
         )
         if workload.key in scenarios
     ]
@@ -412,7 +425,7 @@ def _spends(
     results: list[report.Measured],
 ) -> None:
     """The spend scenarios (steps 1 to 5 of the module doc); fills ``setup``, ``pg`` and ``results``."""
-    many = next((w.user_ids for w in workloads if w.key in {"many", "batch"}), [])
+    many = next((w.user_ids for w in workloads if len(w.user_ids) > 1), [])
     user_ids = [*many, HOT_WALLET]
     _progress(f"setting up {BENCH_DATABASE}: {len(many):,} wallets + 1 hot wallet")
     prepared, facts = uvloop.run(_prepare(target, user_ids))
@@ -420,20 +433,28 @@ def _spends(
     pg |= facts
     _progress(f"  done: {prepared}")
     postmaster = target.postmaster_pid or pg.get("local_postmaster_pid")
-    _progress("starting the server")
-    with running_server(target.bench_url, root=ROOT, log_path=RESULTS / "server.log") as server:
+    processes = max(w.processes for w in workloads)
+    _progress(
+        "starting the server" + (f"s ({processes} processes, the first with the projector)" * (processes > 1))
+    )
+    logs = [RESULTS / "server.log", *(RESULTS / f"server-{i}.log" for i in range(2, processes + 1))]
+    with contextlib.ExitStack() as stack:
+        servers = [
+            stack.enter_context(running_server(target.bench_url, root=ROOT, log_path=log, projector=i == 0))
+            for i, log in enumerate(logs)
+        ]
         setup["server_ready_s"] = uvloop.run(
             _http_phase(
-                server, target, workloads, tag=tag, limits=limits, postmaster=postmaster, results=results
+                servers, target, workloads, tag=tag, limits=limits, postmaster=postmaster, results=results
             )
         )
-    setup["server_exit_code"] = server.process.returncode
+    setup["server_exit_code"] = servers[0].process.returncode
     if not args.skip_raw:
         uvloop.run(
             _sql_phase(
                 target,
                 settings,
-                workloads,
+                [w for w in workloads if w.raw_key == w.key],
                 tag=tag,
                 limits=limits,
                 postmaster=postmaster,

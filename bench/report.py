@@ -23,6 +23,7 @@ TARGETS: Final[dict[str, dict[str, float]]] = {
     "hot": {"min_spends_per_s": 1000.0},
     # 20,000 legs/s: a spend has two legs.
     "batch": {"min_spends_per_s": 10000.0},
+    "read": {"min_spends_per_s": 5000.0},  # reads per second
 }
 # The open issue's goal for reads: as-of and a history page are index-bound, so on the wallet of
 # 1,000,000 events they take "about as long" as on the wallet of ten, taken here as a median over
@@ -53,7 +54,7 @@ def target_checks(measured: Measured) -> list[dict[str, Any]]:
     rate = measured.result.spends_per_s
     if "min_spends_per_s" in target:
         floor = target["min_spends_per_s"]
-        checks.append({"target": f">= {floor:,.0f} spends/s", "value": round(rate, 1), "met": rate >= floor})
+        checks.append({"target": f">= {floor:,.0f}/s", "value": round(rate, 1), "met": rate >= floor})
     p99 = measured.result.latency_ms()["p99"]
     if "max_p99_ms" in target:
         ceiling = target["max_p99_ms"]
@@ -109,9 +110,10 @@ def _cpu_per_spend(r: LoadResult) -> dict[str, float | None]:
 def ratios(results: list[Measured]) -> list[dict[str, Any]]:
     """HTTP throughput (and p50) as a share of the raw-SQL limit, per workload."""
     by_key = {(m.workload.key, m.transport): m for m in results}
+    raw_keys = {m.workload.key: m.workload.raw_key for m in results}
     out = []
     for key in dict.fromkeys(m.workload.key for m in results):
-        http, sql = by_key.get((key, "http")), by_key.get((key, "sql"))
+        http, sql = by_key.get((key, "http")), by_key.get((raw_keys[key], "sql"))
         if http is None or sql is None or sql.result.spends_per_s == 0:
             continue
         out.append({
@@ -276,7 +278,7 @@ def _rows(report: dict[str, Any]) -> list[str]:
     if not report["scenarios"]:
         return []
     header = (
-        f"{'workload':<24}{'via':<6}{'clients':>8}{'spends/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'workload':<30}{'via':<6}{'clients':>8}{'per s':>11}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'max ms':>9}{'errors':>8}   target"
     )
     lines = [header, "-" * len(header)]
@@ -287,7 +289,7 @@ def _rows(report: dict[str, Any]) -> list[str]:
         else:
             target = f"(raw-SQL limit, {s['connections']} connections)"
         lines.append(
-            f"{s['title']:<24}{s['transport'].upper():<6}{s['clients']:>8}{s['spends_per_s']:>11,.0f}"
+            f"{s['title']:<30}{s['transport'].upper():<6}{s['clients']:>8}{s['spends_per_s']:>11,.0f}"
             f"{_num(lat['p50'], 2):>9}{_num(lat['p99'], 2):>9}{_num(lat['max'], 1):>9}{s['errors']:>8}"
             f"   {target}"
         )

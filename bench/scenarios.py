@@ -27,6 +27,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import asyncpg
 import msgspec
 
 from api.database import create_pool
@@ -39,6 +40,7 @@ from bench.server import HOST
 from bench.sysinfo import CpuSampler
 from commands import CommandContext, CommandRecord, EventStore
 from domain import SpendCredits
+from projections import queries
 
 SPEND_AMOUNT = 1
 # What a client sends; the API fingerprints its canonical re-encoding (defaults included).
@@ -58,6 +60,13 @@ class Workload:
     clients: int
     user_ids: Sequence[str]
     batch: int = 0  # "batch": the spends per request (distinct wallets, POST /v1/batches)
+    read: bool = False  # "read": GET /v1/wallets/{user_id} instead of a spend
+    processes: int = 1  # API processes the HTTP clients are spread over (round robin)
+
+    @property
+    def raw_key(self) -> str:
+        """The workload whose raw-SQL run is this one's limit (the same, but for the process count)."""
+        return self.key.removesuffix("-2p")
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +163,31 @@ class HttpBatcher:
         self._connection.close()
 
 
+class HttpReader:
+    """One HTTP client reading wallets: GET /v1/wallets/{user_id} of a random wallet, 200 expected."""
+
+    __slots__ = ("_connection", "_heads")
+
+    def __init__(self, port: int, user_ids: Sequence[str]) -> None:
+        self._connection = HttpConnection(HOST, port)
+        self._heads = [
+            (
+                f"GET /v1/wallets/{user_id} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+                f"Authorization: Bearer {BENCH_SECRET}\r\n\r\n"
+            ).encode()
+            for user_id in user_ids
+        ]
+
+    async def spend(self) -> Failure | None:
+        status, body = await self._connection.request(self._heads[random.randrange(len(self._heads))])
+        if status == 200:
+            return None
+        return f"HTTP {status}", body[:300].decode("utf-8", "replace")
+
+    def close(self) -> None:
+        self._connection.close()
+
+
 def _request_heads(port: int, user_ids: Sequence[str]) -> list[bytes]:
     """Everything of a spend request up to the Idempotency-Key's value, per wallet."""
     return [
@@ -170,14 +204,17 @@ def _request_heads(port: int, user_ids: Sequence[str]) -> list[bytes]:
 
 
 async def run_http(
-    workload: Workload, *, port: int, tag: str, limits: LoadLimits, sampler: CpuSampler | None
+    workload: Workload, *, ports: Sequence[int], tag: str, limits: LoadLimits, sampler: CpuSampler | None
 ) -> LoadResult:
-    heads = _request_heads(port, workload.user_ids)
+    heads = {port: _request_heads(port, workload.user_ids) for port in ports}
 
     def make(index: int) -> Spender:
+        port = ports[index % len(ports)]
+        if workload.read:
+            return HttpReader(port, workload.user_ids)
         if workload.batch:
             return HttpBatcher(port, workload.user_ids, f"{tag}-{index}-", workload.batch)
-        return HttpSpender(port, heads, f"{tag}-{index}-")
+        return HttpSpender(port, heads[port], f"{tag}-{index}-")
 
     return await run_load(
         make,
@@ -241,6 +278,23 @@ class SqlSpender:
         pass
 
 
+class SqlReader:
+    """One raw-SQL client reading wallets: the query GET /v1/wallets/{user_id} runs."""
+
+    __slots__ = ("_pool", "_user_ids")
+
+    def __init__(self, pool: asyncpg.Pool, user_ids: Sequence[str]) -> None:
+        self._pool = pool
+        self._user_ids = user_ids
+
+    async def spend(self) -> Failure | None:
+        await queries.get_wallet(self._pool, self._user_ids[random.randrange(len(self._user_ids))])
+        return None
+
+    def close(self) -> None:
+        pass
+
+
 class SqlBatcher:
     """One raw-SQL client sending the same batches straight to the event store
     (``EventStore.post_batch``: the records the batch controller would build, one call)."""
@@ -290,6 +344,8 @@ async def run_sql(
         plans = spend_plans(workload.user_ids)
 
         def make(index: int) -> Spender:
+            if workload.read:
+                return SqlReader(pool, workload.user_ids)
             if workload.batch:
                 return SqlBatcher(store, plans, f"{tag}-{index}-", workload.batch)
             return SqlSpender(store, plans, f"{tag}-{index}-")

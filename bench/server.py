@@ -52,16 +52,18 @@ def free_port() -> int:
         return port
 
 
-def _command() -> list[str]:
-    script = Path(sys.executable).parent / "tally"
-    if script.exists():
-        return [str(script), "serve", "--projector"]
-    return [sys.executable, "-m", "api.cli", "serve", "--projector"]
+def _command(projector: bool) -> list[str]:
+    # The interpreter with the module (not the venv's `tally` script): a worktree's checkout is
+    # what runs when the benchmark runs from it (its directory is first on the module path).
+    return [sys.executable, "-m", "api.cli", "serve", *(["--projector"] if projector else [])]
 
 
 @contextlib.contextmanager
-def running_server(database_url: str, *, root: Path, log_path: Path) -> Iterator[Server]:
-    """Start the server; stop it on exit, whatever happened meanwhile (KeyboardInterrupt too)."""
+def running_server(
+    database_url: str, *, root: Path, log_path: Path, projector: bool = True
+) -> Iterator[Server]:
+    """Start the server (with the projector unless told otherwise); stop it on exit, whatever
+    happened meanwhile (KeyboardInterrupt too)."""
     port = free_port()
     env = {
         **os.environ,
@@ -74,7 +76,12 @@ def running_server(database_url: str, *, root: Path, log_path: Path) -> Iterator
     with log_path.open("wb") as log:
         # Its own session: a Ctrl-C reaches only the benchmark, which then stops the server itself.
         process = subprocess.Popen(  # noqa: S603 (our own interpreter's entry point)
-            _command(), cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            _command(projector),
+            cwd=root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     server = Server(process, port, log_path)
     try:

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 import asyncpg
 import msgspec
+from asyncpg.pool import PoolConnectionProxy
 
 from commands.errors import (
     LOCK_NOT_AVAILABLE,
@@ -67,6 +69,8 @@ _BATCH_ANSWER = (
     "SELECT same_request, applied, outcome, body, replayed "
     "FROM tally_batch_answer($1::uuid, $2::text, $3::bytea)"
 )
+_CLAIM_BATCH = "SELECT pg_advisory_lock(tally_batch_lock_class(), tally_key_lock($1::uuid, $2::text))"
+_LET_GO_OF_BATCH = "SELECT pg_advisory_unlock(tally_batch_lock_class(), tally_key_lock($1::uuid, $2::text))"
 _RECORD_BATCH = "SELECT tally_record_batch($1::uuid, $2::text, $3::bytea, $4::bool, $5::bool, $6::jsonb)"
 # A non-atomic batch is decided in transactions of at most this many commands: each claimed key
 # holds an entry of PostgreSQL's shared lock table until its transaction ends (README, "Faults and
@@ -187,6 +191,131 @@ class _Pending:
         self.resent = False  # sent again once after its key was recorded meanwhile (_recorded_meanwhile)
 
 
+class BatchSession:
+    """One batch's connection (EventStore.batch): its recorded answer, its decision, its record."""
+
+    def __init__(self, store: EventStore, conn: PoolConnectionProxy[asyncpg.Record]) -> None:
+        self._store = store
+        self._conn = conn
+
+    async def answer(self, client: str, key: str, fingerprint: bytes) -> RecordedBatch | None:
+        """The answer recorded under a batch's key, or None."""
+        rows = await self._conn.fetch(_BATCH_ANSWER, client, key, fingerprint, timeout=self._store._timeout)
+        if not rows:
+            return None
+        if any(r["body"] is None for r in rows):  # a command's row is never removed: tampering
+            raise RuntimeError(f"batch {key} of client {client} names a command that is not recorded")
+        outcomes = [(r["outcome"], r["body"], r["replayed"]) for r in rows]
+        return RecordedBatch(rows[0]["same_request"], BatchResult(outcomes, rows[0]["applied"]))
+
+    async def post(
+        self, records: Sequence[CommandRecord], *, atomic: bool, reject: bool = False
+    ) -> BatchResult:
+        """Decide a batch of transaction commands, each under its own key, in request order per
+        wallet.
+
+        Atomic: one transaction that waits for its wallets (at most ``lock_wait``) and applies every
+        command or, when one is refused or ``reject`` (the caller refused one before sending it),
+        none. Non-atomic: transactions of up to BATCH_CHUNK commands that never wait for a wallet
+        another transaction holds; those commands are then sent again, waiting for their wallets
+        (``unavailable`` when one stays held past ``lock_wait``; a wallet with an undecided command
+        has its later commands undecided too, so none is decided out of order)."""
+        if atomic:
+            rows = await self._send(_POST_ATOMIC, records, self._store._lock_wait_ms(), reject)
+            return BatchResult(
+                [(r["outcome"], r["body"], r["replayed"]) for r in rows], bool(rows and rows[0]["applied"])
+            )
+        outcomes: list[tuple[str, str, bool]] = []
+        stuck: set[str] = set()  # wallets, and keys, with an undecided command
+        for start in range(0, len(records), BATCH_CHUNK):
+            chunk = records[start : start + BATCH_CHUNK]
+            later = [i for i, r in enumerate(chunk) if _wallet_of(r) in stuck or r.key in stuck]
+            send = [r for i, r in enumerate(chunk) if i not in set(later)]
+            decided = iter(await self._post_chunk(send) if send else [])
+            for i, record in enumerate(chunk):
+                outcome = (
+                    _not_decided(
+                        f"an earlier command of wallet {_wallet_of(record)} in this batch was not decided"
+                    )
+                    if i in later
+                    else next(decided)
+                )
+                if outcome[0] == UNAVAILABLE:
+                    stuck.update((_wallet_of(record), record.key))
+                outcomes.append(outcome)
+        return BatchResult(outcomes, applied=True)
+
+    async def _post_chunk(self, records: Sequence[CommandRecord]) -> list[tuple[str, str, bool]]:
+        rows = await self._send(_POST_TRANSACTIONS, records, None)
+        outcomes = [(r["outcome"], r["body"], r["replayed"]) for r in rows]
+        held = [i for i, (outcome, _, _) in enumerate(outcomes) if outcome == WALLET_LOCKED]
+        if not held:
+            return outcomes
+        # The commands of wallets another transaction held, again, waiting for those wallets: all
+        # together or, when one of them stays held, group by group (a group: the wallets that
+        # share a key, which must be decided together), so the others are decided.
+        groups = _groups(records, held)
+        attempts = [held] if len(groups) == 1 else [held, *groups]
+        for group in attempts:
+            try:
+                retried = await self._send(
+                    _POST_TRANSACTIONS, [records[i] for i in group], self._store._lock_wait_ms()
+                )
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                if group is held and len(attempts) > 1:
+                    continue  # group by group, then
+                for i in group:
+                    outcomes[i] = _not_decided(f"the command could not be decided: {describe(exc)}")
+                continue
+            for row in retried:
+                outcomes[group[row["idx"] - 1]] = (row["outcome"], row["body"], row["replayed"])
+            if group is held:
+                break
+        for i, (outcome, _, _) in enumerate(outcomes):
+            if outcome == WALLET_LOCKED:  # cannot happen: a call that waits locks its wallets first
+                outcomes[i] = _not_decided(f"wallet {_wallet_of(records[i])} stayed locked")
+        return outcomes
+
+    async def _send(self, sql: str, records: Sequence[CommandRecord], *args: Any) -> list[asyncpg.Record]:
+        """One call of a batch function, sent once more if a key was recorded meanwhile (then it
+        replays); anything else is raised, for the caller to tell apart."""
+        payload = _json(list(records))
+        timeout = self._store._timeout + 1
+        try:
+            return await self._conn.fetch(sql, payload, *args, timeout=timeout)
+        except asyncpg.UniqueViolationError as exc:
+            if not _recorded_meanwhile(exc):
+                raise
+            return await self._conn.fetch(sql, payload, *args, timeout=timeout)
+
+    async def record(
+        self,
+        client: str,
+        key: str,
+        fingerprint: bytes,
+        *,
+        atomic: bool,
+        result: BatchResult,
+        keys: Sequence[str],
+    ) -> bool:
+        """Record a batch's answer under its key; False when one was recorded first (answer that
+        one). Each command's response is kept here only when its own key does not record it
+        (migrations/0010_batches.sql)."""
+        results = []
+        for key_of, (outcome, body, replayed) in zip(keys, result.outcomes, strict=True):
+            entry: dict[str, Any] = {"key": key_of, "outcome": outcome, "replayed": replayed}
+            if not (result.applied and outcome in RECORDED_OUTCOMES):
+                entry["body"] = msgspec.Raw(body.encode())
+            results.append(entry)
+        recorded: bool = await self._conn.fetchval(
+            _RECORD_BATCH, client, key, fingerprint, atomic, result.applied, _json(results),
+            timeout=self._store._timeout,
+        )  # fmt: skip
+        return recorded
+
+
 class EventStore:
     """``on_append`` is called after new events commit (the app uses it to wake projectors); it must
     not block.
@@ -276,146 +405,56 @@ class EventStore:
             ) from None
         return outcome_of(*outcome)
 
-    async def post_batch(
-        self, records: Sequence[CommandRecord], *, atomic: bool, reject: bool = False
-    ) -> BatchResult:
-        """Decide a batch of transaction commands (POST /v1/batches), each under its own key, in
-        request order per wallet. At most ``max_batches`` run at once per process (beyond: they
-        wait their turn, at most ``timeout``).
-
-        Atomic: one transaction that waits for its wallets (at most ``lock_wait``) and applies
-        every command or, when one is refused or ``reject`` (the caller refused one before sending
-        it), none. Non-atomic: transactions of up to BATCH_CHUNK commands that never wait for a
-        wallet another transaction holds; those commands are then sent again, waiting for their
-        wallets (``unavailable`` when one stays held past ``lock_wait``)."""
+    @contextlib.asynccontextmanager
+    async def batch(self, client: str | None = None, key: str | None = None) -> AsyncIterator[BatchSession]:
+        """A session for one batch (POST /v1/batches): one connection for all of it, taken when one
+        of at most ``max_batches`` turns per process is free (waiting at most ``timeout``: then
+        Overloaded). Given the batch's ``client`` and ``key``, the session holds that key's claim
+        (a session advisory lock, tally_batch_lock) from before its recorded answer is looked up
+        until its own is recorded: two batches under one key, even different ones, are decided one
+        after the other, and the second finds the first's answer (or 422)."""
         try:
             async with asyncio.timeout(self._timeout):
                 await self._batch_slots.acquire()
         except TimeoutError:
             raise Overloaded(f"batches of this process stayed busy for {self._timeout:g} s") from None
         try:
-            result = await self._decide_batch(records, atomic, reject)
+            async with self._pool.acquire(timeout=self._timeout) as conn:
+                claimed = False
+                try:
+                    if client is not None and key is not None:
+                        await conn.execute(_CLAIM_BATCH, client, key, timeout=self._timeout + 1)
+                        claimed = True
+                    yield BatchSession(self, conn)
+                except BaseException as exc:
+                    close_broken(conn, exc)
+                    if claimed and not conn.is_closed():
+                        conn.terminate()  # the claim goes with the session; no statement may be in flight
+                    claimed = False
+                    if isinstance(exc, Exception) and is_transient(exc):
+                        raise Unavailable(f"the batch could not be decided: {describe(exc)}") from exc
+                    raise
+                finally:
+                    if claimed:
+                        await conn.execute(_LET_GO_OF_BATCH, client, key, timeout=self._timeout + 1)
         except Exception as exc:
-            if is_transient(exc):  # what failed applied nothing; sent again, each key replays or applies
+            if is_transient(exc) and not isinstance(exc, Unavailable):
                 raise Unavailable(f"the batch could not be decided: {describe(exc)}") from exc
             raise
         finally:
             self._batch_slots.release()
-        return result
-
-    async def _decide_batch(
-        self, records: Sequence[CommandRecord], atomic: bool, reject: bool
-    ) -> BatchResult:
-        try:
-            if atomic:
-                rows = await self._send_batch(_POST_ATOMIC, records, self._lock_wait_ms(), reject)
-                result = BatchResult(
-                    [(r["outcome"], r["body"], r["replayed"]) for r in rows],
-                    bool(rows and rows[0]["applied"]),
-                )
-            else:
-                outcomes: list[tuple[str, str, bool]] = []
-                for start in range(0, len(records), BATCH_CHUNK):
-                    outcomes += await self._post_chunk(records[start : start + BATCH_CHUNK])
-                result = BatchResult(outcomes, applied=True)
-        finally:
-            if self._on_append is not None:  # whatever committed (a non-atomic batch's earlier chunks)
+            if self._on_append is not None:  # whatever committed (a non-atomic batch's chunks)
                 self._on_append()
-        return result
 
-    async def _post_chunk(self, records: Sequence[CommandRecord]) -> list[tuple[str, str, bool]]:
-        rows = await self._send_batch(_POST_TRANSACTIONS, records, None)
-        outcomes = [(r["outcome"], r["body"], r["replayed"]) for r in rows]
-        held = [i for i, (outcome, _, _) in enumerate(outcomes) if outcome == WALLET_LOCKED]
-        if not held:
-            return outcomes
-        # The commands of wallets another transaction held, again, waiting for those wallets: all
-        # together, or, when one of them stays held, wallet by wallet (the others are decided).
-        wallets: dict[str, list[int]] = {}
-        for i in held:
-            wallets.setdefault(_wallet_of(records[i]), []).append(i)
-        groups = [held] if len(wallets) == 1 else [held, *wallets.values()]
-        for group in groups:
-            try:
-                retried = await self._send_batch(
-                    _POST_TRANSACTIONS, [records[i] for i in group], self._lock_wait_ms()
-                )
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                if group is held and len(groups) > 1:
-                    continue  # one wallet at a time, then
-                for i in group:
-                    outcomes[i] = _not_decided(f"the command could not be decided: {describe(exc)}")
-                continue
-            for row in retried:
-                outcomes[group[row["idx"] - 1]] = (row["outcome"], row["body"], row["replayed"])
-            if group is held:
-                break
-        for i, (outcome, _, _) in enumerate(outcomes):
-            if outcome == WALLET_LOCKED:  # cannot happen: a call that waits locks its wallets first
-                outcomes[i] = _not_decided(f"wallet {_wallet_of(records[i])} stayed locked")
-        return outcomes
+    async def post_batch(
+        self, records: Sequence[CommandRecord], *, atomic: bool, reject: bool = False
+    ) -> BatchResult:
+        """A batch without a key of its own (see BatchSession.post)."""
+        async with self.batch() as session:
+            return await session.post(records, atomic=atomic, reject=reject)
 
     def _lock_wait_ms(self) -> int:
         return max(1, round(self._lock_wait * 1000))
-
-    async def _send_batch(
-        self, sql: str, records: Sequence[CommandRecord], *args: Any
-    ) -> list[asyncpg.Record]:
-        """One call of a batch function, sent once more if a key was recorded meanwhile (then it
-        replays); a database that was away, slow or busy raises whatever it raised, for the caller
-        to tell apart."""
-        payload = _json(list(records))
-        for attempt in (1, 2):
-            try:
-                async with self._pool.acquire(timeout=self._timeout) as conn:
-                    try:
-                        return await conn.fetch(sql, payload, *args, timeout=self._timeout + 1)
-                    except BaseException as exc:
-                        close_broken(conn, exc)
-                        raise
-            except asyncpg.UniqueViolationError as exc:
-                if attempt == 2 or not _recorded_meanwhile(exc):
-                    raise
-        raise AssertionError("unreachable")
-
-    async def batch_answer(self, client: str, key: str, fingerprint: bytes) -> RecordedBatch | None:
-        """The answer recorded under a batch's key, or None."""
-        async with self._pool.acquire(timeout=self._timeout) as conn:
-            rows = await conn.fetch(_BATCH_ANSWER, client, key, fingerprint, timeout=self._timeout)
-        if not rows:
-            return None
-        if any(r["body"] is None for r in rows):  # a command's row is never removed: tampering
-            raise RuntimeError(f"batch {key} of client {client} names a command that is not recorded")
-        outcomes = [(r["outcome"], r["body"], r["replayed"]) for r in rows]
-        return RecordedBatch(rows[0]["same_request"], BatchResult(outcomes, rows[0]["applied"]))
-
-    async def record_batch(
-        self,
-        client: str,
-        key: str,
-        fingerprint: bytes,
-        *,
-        atomic: bool,
-        result: BatchResult,
-        keys: Sequence[str],
-    ) -> bool:
-        """Record a batch's answer under its key; False when a concurrent duplicate recorded one
-        first (answer that one: ``batch_answer``). Each command's response is kept here only when
-        its own key does not record it (migrations/0010_batches.sql)."""
-        results = []
-        for key_of, (outcome, body, replayed) in zip(keys, result.outcomes, strict=True):
-            entry: dict[str, Any] = {"key": key_of, "outcome": outcome, "replayed": replayed}
-            if not (result.applied and outcome in RECORDED_OUTCOMES):
-                entry["body"] = msgspec.Raw(body.encode())
-            results.append(entry)
-        async with self._pool.acquire(timeout=self._timeout) as conn:
-            recorded: bool = await conn.fetchval(
-                _RECORD_BATCH, client, key, fingerprint, atomic, result.applied, _json(results),
-                timeout=self._timeout,
-            )  # fmt: skip
-        return recorded
 
     def _enqueue(self, item: _Pending) -> None:
         if item.wallet in self._held:
@@ -639,6 +678,26 @@ def _recorded_meanwhile(exc: BaseException) -> bool:
     this one decided it: the primary key of `commands` refused the second record, and the
     transaction rolled back (commands/sql/tally_claim_command.sql)."""
     return isinstance(exc, asyncpg.UniqueViolationError) and exc.constraint_name == "commands_pkey"
+
+
+def _groups(records: Sequence[CommandRecord], indexes: Sequence[int]) -> list[list[int]]:
+    """``indexes`` grouped by wallet, wallets that share a key in one group, in request order."""
+    parent: dict[str, str] = {}
+
+    def root(name: str) -> str:
+        while parent.setdefault(name, name) != name:
+            name = parent[name]
+        return name
+
+    by_key: dict[str, str] = {}
+    for i in indexes:
+        wallet = root(_wallet_of(records[i]))
+        other = by_key.setdefault(records[i].key, wallet)
+        parent[root(other)] = wallet
+    groups: dict[str, list[int]] = {}
+    for i in indexes:
+        groups.setdefault(root(_wallet_of(records[i])), []).append(i)
+    return list(groups.values())
 
 
 def _not_decided(detail: str) -> tuple[str, str, bool]:

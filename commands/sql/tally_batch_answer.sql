@@ -14,3 +14,10 @@ LANGUAGE sql STABLE SET enable_seqscan = off AS $$
      WHERE b.client_id = p_client AND b.batch_key = p_key
      ORDER BY r.i
 $$;
+
+-- The claim a batch's key holds while the batch is decided and recorded (commands/event_store.py,
+-- EventStore.batch): a session advisory lock of its own class, so a batch's key never meets a
+-- command's (tally_key_lock_class).
+CREATE OR REPLACE FUNCTION tally_batch_lock_class() RETURNS int LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT tally_key_lock_class() + 1
+$$;

@@ -4,6 +4,7 @@ named by line, the same file again only replaying, a bad file refused before any
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 
+from api.batch_file import _chunks
 from tests.api.test_auth import make_key
 from tests.conftest import LiveServer
 from tests.helpers import AUTH
@@ -94,3 +96,16 @@ async def test_a_bad_file_is_refused_before_anything_is_sent(
     status, out = await _tally_batch(live_server, secret, str(tmp_path / "missing.jsonl"))
     assert status == 2
     assert "missing.jsonl" in out
+
+
+def test_long_lines_go_in_smaller_batches() -> None:
+    """A line valid alone (a reference and 16 metadata values of 512 characters) is over the 4 KiB
+    a batch allows per command on average: such lines are sent in batches that fit the body limit."""
+    short, long = b"x" * 100, b"y" * 10_000
+    assert _chunks([short] * 2500, 1000) == [(0, 1000), (1000, 2000), (2000, 2500)]
+    chunks = _chunks([long] * 1000, 1000)
+    assert len(chunks) > 2
+    assert all(sum(len(long) + 1 for _ in range(end - start)) <= 1000 * 4096 + 65536 for start, end in chunks)
+    assert chunks[0][0] == 0
+    assert chunks[-1][1] == 1000
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(chunks))

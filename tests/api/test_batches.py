@@ -4,11 +4,13 @@ refused whole, changing nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+import httpx
 import msgspec
 import pytest
 
@@ -30,7 +32,8 @@ from tests.api.support import (
     top_up,
 )
 from tests.api.test_auth import bearer, make_key
-from tests.helpers import api_client
+from tests.conftest import serving
+from tests.helpers import AUTH, api_client, holding_wallet, lock_waits, stream_balance
 
 SEGMENT = {"top_up": "top-ups", "bonus": "bonuses", "spend": "spends"}
 
@@ -309,3 +312,72 @@ async def test_a_batch_of_a_thousand_commands(client: Client) -> None:
     assert statuses == [201] * 10 + [404] * 990
     again = await send(client, commands, key=key)
     assert again.json() == response.json()
+
+
+async def test_a_repeated_key_is_answered_as_its_first_occurrence(client: Client, pool: asyncpg.Pool) -> None:
+    """Found by review: in a rejected atomic batch a repeat replayed a transaction that was rolled
+    back; a repeat of a refusal without a record decided on its own."""
+    await define_asset(client)
+    await open_wallet(client, "alice")
+    await top_up(client, "alice", 100)
+    dup = cmd("top_up", "alice", 10, key="dup")
+    rejected = await send(client, [dup, dup, cmd("spend", "alice", 1000)], atomic=True)
+    body = assert_problem(rejected, 409, "batch_rejected")
+    assert [(r["status"], r.get("replayed", False)) for r in body["results"]] == [
+        (424, False), (424, False), (409, False)
+    ]  # fmt: skip
+    assert not any("transaction" in r for r in body["results"])
+    assert "idempotent-replayed" not in (await alone(client, dup)).headers  # nothing was recorded
+    # A first occurrence refused without a record: the repeat answers the same, or 422.
+    nobody = cmd("top_up", "nobody", 5, key="n")
+    results = (await send(client, [nobody, nobody, {**nobody, "user_id": "alice"}])).json()["results"]
+    assert [(r["status"], r.get("replayed", False)) for r in results] == [
+        (404, False),
+        (404, True),
+        (422, False),
+    ]
+    bonus_only = bearer(await make_key(pool, ["credits:bonus"]))
+    both = [cmd("top_up", "alice", 5, key="t"), cmd("bonus", "alice", 700, key="t")]
+    response = await post(client, "/v1/batches", {"commands": both}, headers=bonus_only)
+    assert [r["status"] for r in response.json()["results"]] == [403, 422]
+    assert await balance_of(client, "alice") == 110
+
+
+async def test_more_than_the_limit_of_ten_thousand_is_413(client: Client) -> None:
+    await define_asset(client)
+    body = {"commands": [cmd("top_up", "alice", 1) for _ in range(10_001)]}
+    assert_problem(await post(client, "/v1/batches", body), 413, "batch_too_large")
+
+
+async def test_two_batches_under_one_key_at_once_apply_one(db_url: str, pool: asyncpg.Pool) -> None:
+    """Found by review: two different batches sent at once under one key were both applied, and
+    one answered 422. The batch's key is claimed while it is decided: the second waits, then
+    finds the first's answer (422 for a different batch; a replay for the same). A real server
+    process, so the two requests are truly concurrent."""
+    env = {"TALLY_LOCK_TIMEOUT": "30", "TALLY_COMMAND_TIMEOUT": "60"}
+    async with (
+        serving(db_url, env=env) as server,
+        httpx.AsyncClient(base_url=server.url, headers=AUTH) as http,
+    ):
+
+        async def send_to(commands: list[dict[str, Any]], key: str) -> httpx.Response:
+            return await http.post(
+                "/v1/batches", json={"commands": commands}, headers={"Idempotency-Key": key}, timeout=60
+            )
+
+        await http.post(
+            "/v1/assets",
+            json={"code": "GOLD", "name": "Gold", "decimals": 0},
+            headers={"Idempotency-Key": "a"},
+        )
+        await http.post("/v1/wallets", json={"user_id": "w"}, headers={"Idempotency-Key": "w"})
+        small, large = [cmd("top_up", "w", 10)], [cmd("top_up", "w", 1000)]
+        async with holding_wallet(pool, "w") as holder:
+            first = asyncio.create_task(send_to(small, "B"))
+            await lock_waits(pool, lambda w: any(holder in x["blockers"] for x in w))
+            second = asyncio.create_task(send_to(large, "B"))
+            await lock_waits(pool, lambda w: len(w) >= 2)  # the second waits for the first's claim
+        answers = [await asyncio.wait_for(task, 60) for task in (first, second)]
+        assert [a.status_code for a in answers] == [200, 422]
+        assert await stream_balance(pool, "w") == 10
+        assert (await send_to(small, "B")).headers["idempotent-replayed"] == "true"

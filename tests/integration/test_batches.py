@@ -13,7 +13,7 @@ import asyncpg
 import msgspec
 import pytest
 
-from commands import CommandRecord, EventStore
+from commands import CommandRecord, EventStore, event_store
 from commands.errors import Unavailable
 from commands.event_store import UNAVAILABLE, BatchResult
 from domain import InsufficientFunds, SpendCredits, TopUpCredits
@@ -162,3 +162,44 @@ async def test_an_atomic_batch_applies_nothing_when_one_is_refused(pool: asyncpg
     assert await stream_balance(pool, "b") == 0
     body = msgspec.json.decode(refused.outcomes[0][1])
     assert body["balance_after"] == 10  # what it would have been: the caller answers 424 instead
+
+
+async def test_a_key_repeated_across_wallets_waits_with_its_first_occurrence(pool: asyncpg.Pool) -> None:
+    """Found by review: a repeat of a key on a free wallet was decided alone while its first
+    occurrence's wallet stayed held. Wallets that share a key are retried together."""
+    store = EventStore(pool, lock_wait=0.3)
+    await define_asset(store)
+    for user in ("w1", "w2", "w3"):
+        await open_wallet(store, user)
+    first = record(TopUpCredits(user_id="w1", asset="GOLD", amount=5), "k", request="A")
+    second = record(TopUpCredits(user_id="w2", asset="GOLD", amount=7), "k", request="B")
+    other = record(TopUpCredits(user_id="w3", asset="GOLD", amount=9))
+    async with holding_wallet(pool, "w1"), holding_wallet(pool, "w3"):
+        held = asyncio.create_task(store.post_batch([first, second, other], atomic=False))
+        result = await asyncio.wait_for(held, 30)
+    assert outcomes(result) == [UNAVAILABLE, UNAVAILABLE, UNAVAILABLE]
+    assert await stream_balance(pool, "w2") == 0
+    # Let go: the first occurrence decides; the repeat, a different request, is refused as reused.
+    again = await store.post_batch([first, second, other], atomic=False)
+    assert outcomes(again) == ["accepted", "idempotency_key_reused", "accepted"]
+    assert (await stream_balance(pool, "w1"), await stream_balance(pool, "w2")) == (5, 0)
+
+
+async def test_a_wallets_later_commands_wait_for_its_undecided_ones_across_chunks(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: with a wallet held past the lock wait, its top-up in one chunk was
+    undecided while its spend in the next chunk was decided (and recorded) before it."""
+    monkeypatch.setattr(event_store, "BATCH_CHUNK", 1)
+    store = EventStore(pool, lock_wait=0.2)
+    await define_asset(store)
+    await open_wallet(store, "w")
+    commands = [
+        record(TopUpCredits(user_id="w", asset="GOLD", amount=5)),
+        record(SpendCredits(user_id="w", asset="GOLD", amount=5)),
+    ]
+    async with holding_wallet(pool, "w"):
+        result = await asyncio.wait_for(store.post_batch(commands, atomic=False), 30)
+    assert outcomes(result) == [UNAVAILABLE, UNAVAILABLE]
+    assert outcomes(await store.post_batch(commands, atomic=False)) == ["accepted", "accepted"]
+    assert await stream_balance(pool, "w") == 0
