@@ -226,11 +226,12 @@ class BatchSession:
                 [(r["outcome"], r["body"], r["replayed"]) for r in rows], bool(rows and rows[0]["applied"])
             )
         outcomes: list[tuple[str, str, bool]] = []
-        stuck: set[str] = set()  # wallets, and keys, with an undecided command
+        stuck_wallets: set[str] = set()  # wallets, and keys, with an undecided command
+        stuck_keys: set[str] = set()
         for start in range(0, len(records), BATCH_CHUNK):
             chunk = records[start : start + BATCH_CHUNK]
-            later = [i for i, r in enumerate(chunk) if _wallet_of(r) in stuck or r.key in stuck]
-            send = [r for i, r in enumerate(chunk) if i not in set(later)]
+            later = {i for i, r in enumerate(chunk) if _wallet_of(r) in stuck_wallets or r.key in stuck_keys}
+            send = [r for i, r in enumerate(chunk) if i not in later]
             decided = iter(await self._post_chunk(send) if send else [])
             for i, record in enumerate(chunk):
                 outcome = (
@@ -241,7 +242,8 @@ class BatchSession:
                     else next(decided)
                 )
                 if outcome[0] == UNAVAILABLE:
-                    stuck.update((_wallet_of(record), record.key))
+                    stuck_wallets.add(_wallet_of(record))
+                    stuck_keys.add(record.key)
                 outcomes.append(outcome)
         return BatchResult(outcomes, applied=True)
 
@@ -410,9 +412,10 @@ class EventStore:
         """A session for one batch (POST /v1/batches): one connection for all of it, taken when one
         of at most ``max_batches`` turns per process is free (waiting at most ``timeout``: then
         Overloaded). Given the batch's ``client`` and ``key``, the session holds that key's claim
-        (a session advisory lock, tally_batch_lock) from before its recorded answer is looked up
-        until its own is recorded: two batches under one key, even different ones, are decided one
-        after the other, and the second finds the first's answer (or 422)."""
+        (a session advisory lock, tally_batch_lock_class) from before its recorded answer is looked
+        up until its own is recorded: two batches under one key, even different ones, are decided
+        one after the other, and the second finds the first's answer (or 422); it waits at most the
+        connection's lock timeout (TALLY_LOCK_TIMEOUT), then Unavailable."""
         try:
             async with asyncio.timeout(self._timeout):
                 await self._batch_slots.acquire()
@@ -427,16 +430,13 @@ class EventStore:
                         claimed = True
                     yield BatchSession(self, conn)
                 except BaseException as exc:
-                    close_broken(conn, exc)
-                    if claimed and not conn.is_closed():
-                        conn.terminate()  # the claim goes with the session; no statement may be in flight
-                    claimed = False
-                    if isinstance(exc, Exception) and is_transient(exc):
-                        raise Unavailable(f"the batch could not be decided: {describe(exc)}") from exc
+                    if not isinstance(exc, asyncpg.PostgresError):  # no answer from the server
+                        close_broken(conn, exc)  # closed: the claim went with the session
+                        claimed = False
                     raise
                 finally:
                     if claimed:
-                        await conn.execute(_LET_GO_OF_BATCH, client, key, timeout=self._timeout + 1)
+                        await _let_go_of_batch(conn, client, key, self._timeout)
         except Exception as exc:
             if is_transient(exc) and not isinstance(exc, Unavailable):
                 raise Unavailable(f"the batch could not be decided: {describe(exc)}") from exc
@@ -678,6 +678,22 @@ def _recorded_meanwhile(exc: BaseException) -> bool:
     this one decided it: the primary key of `commands` refused the second record, and the
     transaction rolled back (commands/sql/tally_claim_command.sql)."""
     return isinstance(exc, asyncpg.UniqueViolationError) and exc.constraint_name == "commands_pkey"
+
+
+async def _let_go_of_batch(
+    conn: PoolConnectionProxy[asyncpg.Record], client: Any, key: Any, wait: float
+) -> None:
+    """Let go of a batch key's claim; a connection that cannot is closed (the claim goes with it),
+    never handed back to the pool still holding it."""
+    try:
+        await conn.execute(_LET_GO_OF_BATCH, client, key, timeout=wait + 1)
+    except BaseException as exc:
+        conn.terminate()
+        if not isinstance(exc, Exception):
+            raise  # a cancellation goes on
+        log.warning(
+            "could not let go of batch key %s of client %s (%r); its connection is closed", key, client, exc
+        )
 
 
 def _groups(records: Sequence[CommandRecord], indexes: Sequence[int]) -> list[list[int]]:

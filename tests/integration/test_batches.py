@@ -19,6 +19,7 @@ from commands.event_store import UNAVAILABLE, BatchResult
 from domain import InsufficientFunds, SpendCredits, TopUpCredits
 from projections.verify import verify
 from tests.helpers import (
+    TEST_CLIENT_ID,
     ctx,
     define_asset,
     event_balance,
@@ -203,3 +204,48 @@ async def test_a_wallets_later_commands_wait_for_its_undecided_ones_across_chunk
     assert outcomes(result) == [UNAVAILABLE, UNAVAILABLE]
     assert outcomes(await store.post_batch(commands, atomic=False)) == ["accepted", "accepted"]
     assert await stream_balance(pool, "w") == 0
+
+
+async def _batch_claims(pool: asyncpg.Pool) -> int:
+    count: int = await pool.fetchval(
+        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+        "WHERE d.datname = current_database() AND l.locktype = 'advisory' "
+        "AND l.classid::bigint = tally_batch_lock_class()"
+    )
+    return count
+
+
+async def test_a_batch_keys_claim_is_let_go_whatever_happens(pool: asyncpg.Pool) -> None:
+    """Found by review: a bug inside a batch came out as 503, and a cancellation was swallowed. A
+    bug is itself (a 500), a cancellation goes on, and the claim is let go either way."""
+    store = EventStore(pool)
+    claims_inside: list[int] = []
+
+    async def fails() -> None:
+        async with store.batch(TEST_CLIENT_ID, "k"):
+            claims_inside.append(await _batch_claims(pool))
+            raise KeyError("a bug")
+
+    async def claim_again() -> None:
+        """The claim can be taken again (a closed connection's backend lets go as it exits)."""
+        async with asyncio.timeout(30), store.batch(TEST_CLIENT_ID, "k") as session:
+            assert await session.answer(TEST_CLIENT_ID, "k", b"x") is None
+
+    with pytest.raises(KeyError):
+        await fails()
+    assert claims_inside == [1]
+    await claim_again()
+    entered = asyncio.Event()
+
+    async def hangs() -> None:
+        async with store.batch(TEST_CLIENT_ID, "k"):
+            entered.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(hangs())
+    await asyncio.wait_for(entered.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await claim_again()
+    assert await _batch_claims(pool) == 0  # a normal exit lets go at once
