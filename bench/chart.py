@@ -3,6 +3,7 @@ raw-SQL limit (``make bench`` writes it beside the JSON report; the README embed
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,8 @@ def write_chart(report: dict[str, Any], path: Path) -> Path | None:
     if not workloads:
         return None
     by = {(s["workload"], s["transport"]): s for s in scenarios}
-    titles = {s["workload"]: f"{s['title']}\n{s['clients']} clients" for s in scenarios}
-    fig, (rate_ax, latency_ax) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=100)
+    titles = {s["workload"]: f"{textwrap.fill(s['title'], 16)}\n{s['clients']} clients" for s in scenarios}
+    fig, (rate_ax, latency_ax) = plt.subplots(1, 2, figsize=(15, 6), dpi=100)
     width = 0.38
     for offset, transport in ((-width / 2, "http"), (width / 2, "sql")):
         xs = [i + offset for i, w in enumerate(workloads) if (w, transport) in by]
@@ -48,16 +49,17 @@ def write_chart(report: dict[str, Any], path: Path) -> Path | None:
         ax.set_axisbelow(True)
     rate_ax.set_ylabel("per second: spends (each of a batch's), or reads")
     rate_ax.set_title("Throughput", fontsize=10)
-    rate_ax.legend(fontsize=8, loc="upper left")
+    rate_ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     latency_ax.set_ylabel("milliseconds per request (p50, p99)")
     latency_ax.set_yscale("log")
     latency_ax.set_title("Latency per request: p50 (solid), p99 (light)", fontsize=10)
-    latency_ax.legend(fontsize=7, loc="upper left")
+    latency_ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     machine = report.get("machine", {})
     cores = machine.get("cpu_count") or machine.get("cores")
     fig.suptitle(
         f"Tally make bench, {str(report.get('started_at', ''))[:10]}, commit {report.get('commit') or '?'}"
-        + (f", {cores} cores" if cores else ""),
+        + (f", {cores} cores" if cores else "")
+        + (f" ({machine['cpu_model']})" if machine.get("cpu_model") else ""),
         fontsize=10,
     )
     fig.tight_layout()

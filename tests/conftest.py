@@ -15,7 +15,7 @@ import os
 import socket
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlsplit, urlunsplit
@@ -160,7 +160,12 @@ def _free_port() -> int:
 
 @contextlib.asynccontextmanager
 async def serving(
-    db_url: str, *, projector: bool = True, env: Mapping[str, str] | None = None, port: int | None = None
+    db_url: str,
+    *,
+    projector: bool = True,
+    env: Mapping[str, str] | None = None,
+    port: int | None = None,
+    args: Sequence[str] = (),
 ) -> AsyncIterator[LiveServer]:
     """`tally serve` (with ``--projector`` unless told otherwise) as its own process on a free
     loopback port (or ``port``), connected to ``db_url``'s server as the application role, with
@@ -173,7 +178,13 @@ async def serving(
         "TALLY_LOG_LEVEL": "warning", "TALLY_PROJECTOR_POLL_INTERVAL": "0.2", **(env or {}),
     }  # fmt: skip
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "api.cli", "serve", *(["--projector"] if projector else []), env=environment
+        sys.executable,
+        "-m",
+        "api.cli",
+        "serve",
+        *(["--projector"] if projector else []),
+        *args,
+        env=environment,
     )
     url = f"http://127.0.0.1:{port}"
     try:
