@@ -20,7 +20,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.prometheus import PrometheusConfig
 from litestar.static_files import create_static_files_router
 
-from api.auth import Authenticator, BearerAuthentication, require_scope
+from api.auth import Authenticator, BearerAuthentication
 from api.batches import BatchController
 from api.controllers import (
     AssetController,
@@ -33,7 +33,7 @@ from api.database import BoundedPool, connect, create_pool
 from api.errors import EXCEPTION_HANDLERS
 from api.health import health_live, health_ready, metrics
 from api.observability import request_id_middleware
-from api.ratelimit import RateLimiter, ReadLimiter, read_limit_middleware
+from api.ratelimit import RateLimiter, ReadLimiter
 from api.settings import Settings
 from commands import EventStore
 from projections.projector import Projector, ProjectorWaker
@@ -171,12 +171,10 @@ def create_app(settings: Settings, *, run_projector: bool = False) -> Litestar:
             request_id_middleware,
             prometheus.middleware,
             # Health checks (opt exclude_from_auth) are open; so are the docs unless configured not.
+            # The rest: key, rate limit, scope, and a query's turn (api/auth.py; requests without a
+            # valid key never take a turn from those with).
             DefineMiddleware(BearerAuthentication, exclude=["^/docs"] if settings.docs_public else None),
-            # A query with a valid key waits for its turn here (api/ratelimit.py): requests without
-            # one never take a turn from those with.
-            read_limit_middleware,
         ],
-        guards=[require_scope],
         lifespan=[lifespan],
         state=State(
             {

@@ -19,8 +19,6 @@ from collections.abc import AsyncIterator
 from limits import RateLimitItem, RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
-from litestar.enums import ScopeType
-from litestar.types import ASGIApp, Receive, Scope, Send
 
 from api.auth import Principal
 from commands.errors import Overloaded
@@ -106,21 +104,3 @@ class ReadLimiter:
         finally:
             await self._acquire()
             held[0] = True
-
-
-def read_limit_middleware(app: ASGIApp) -> ASGIApp:
-    """Queries (GET /v1/...) take a slot of the app's ReadLimiter; everything else passes."""
-
-    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != ScopeType.HTTP
-            or scope["method"] != "GET"
-            or not scope["path"].startswith("/v1/")
-        ):
-            await app(scope, receive, send)
-            return
-        limiter: ReadLimiter = scope["litestar_app"].state.read_limiter
-        async with limiter.slot():
-            await app(scope, receive, send)
-
-    return middleware

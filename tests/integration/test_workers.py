@@ -16,8 +16,8 @@ from projections.verify import verify
 from tests.conftest import serving
 from tests.helpers import AUTH, holding_wallet, lock_waits, projected, stream_balance
 
-SPENDS = 24
-AFFORDABLE = 5
+SPENDS = 40  # at most, sent four at a time until both processes are seen waiting
+AFFORDABLE = 2  # fewer than the four spends of the first round
 
 
 def _process(wait: asyncpg.Record) -> int | None:
@@ -26,7 +26,7 @@ def _process(wait: asyncpg.Record) -> int | None:
 
 
 async def test_two_worker_processes_share_one_port(db_url: str, pool: asyncpg.Pool) -> None:
-    env = {"TALLY_LOCK_TIMEOUT": "30", "TALLY_COMMAND_TIMEOUT": "60"}
+    env = {"TALLY_LOCK_TIMEOUT": "60", "TALLY_COMMAND_TIMEOUT": "90"}
     async with serving(db_url, env=env, args=["--workers", "2"]) as server:
         async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as http:
             for path, body in (
@@ -37,20 +37,35 @@ async def test_two_worker_processes_share_one_port(db_url: str, pool: asyncpg.Po
                 response = await http.post(path, json=body, headers={"Idempotency-Key": uuid.uuid4().hex})
                 assert response.status_code == 201, response.text
 
+            # Both workers up: each opens its pool as it starts (sessions named tally-api:<pid>).
+            await _sessions_of_processes(pool, 2)
+
             async def spend() -> int:
-                response = await http.post(
-                    "/v1/wallets/w/spends", json={"asset": "GOLD", "amount": 10},
-                    headers={"Idempotency-Key": uuid.uuid4().hex},
-                )  # fmt: skip
+                async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as fresh:
+                    response = await fresh.post(  # a connection of its own: the kernel picks a worker
+                        "/v1/wallets/w/spends", json={"asset": "GOLD", "amount": 10},
+                        headers={"Idempotency-Key": uuid.uuid4().hex},
+                    )  # fmt: skip
                 return response.status_code
 
+            spends: list[asyncio.Task[int]] = []
             async with holding_wallet(pool, "w") as holder:
-                spends = [asyncio.create_task(spend()) for _ in range(SPENDS)]
-                # Both processes' sessions queue for the held wallet (behind it, or behind each other).
-                waits = await lock_waits(pool, lambda w: len({_process(x) for x in w} - {None}) >= 2)
+                # Spends until both processes' sessions queue for the held wallet (behind it, or
+                # behind each other; a process queues one session per wallet and parks the rest).
+                while len(spends) < SPENDS:
+                    spends += [asyncio.create_task(spend()) for _ in range(4)]
+                    try:
+                        waits = await lock_waits(
+                            pool, lambda w: len({_process(x) for x in w} - {None}) >= 2, 2
+                        )
+                        break
+                    except AssertionError:
+                        continue
+                else:
+                    waits = await lock_waits(pool, lambda w: len({_process(x) for x in w} - {None}) >= 2)
                 assert any(holder in x["blockers"] for x in waits)
             statuses = await asyncio.wait_for(asyncio.gather(*spends), 120)
-        assert sorted(statuses) == [201] * AFFORDABLE + [409] * (SPENDS - AFFORDABLE)
+        assert sorted(statuses) == [201] * AFFORDABLE + [409] * (len(statuses) - AFFORDABLE)
         assert await stream_balance(pool, "w") == 0
         await projected(pool)
         async with pool.acquire() as conn:
@@ -64,6 +79,21 @@ async def test_two_worker_processes_share_one_port(db_url: str, pool: asyncpg.Po
         assert await asyncio.wait_for(server.process.wait(), 60) == 0
     for pid in workers:
         assert await _exits(int(pid)), f"worker {pid.decode()} outlived its server"
+
+
+async def _sessions_of_processes(pool: asyncpg.Pool, count: int, within: float = 60.0) -> None:
+    """Wait until ``count`` API processes have sessions open on this database (a bound, not a timing
+    assertion)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while asyncio.get_running_loop().time() < deadline:
+        names = await pool.fetch(
+            "SELECT DISTINCT application_name FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name LIKE 'tally-api:%'"
+        )
+        if len(names) >= count:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{count} API processes did not connect within {within} s")
 
 
 def _state(pid: int) -> str | None:
