@@ -93,8 +93,9 @@ def send_file(path: Path, url: str, secret: str, *, size: int, atomic: bool, out
     total = len(lines)
     refused = sum(tally.refused.values())
     codes = ", ".join(f"{code} {n:,}" for code, n in tally.refused.most_common())
+    batches = len(_chunks(lines, size))
     print(
-        f"batch: {total:,} commands in {len(_chunks(lines, size)):,} batches, {elapsed:.1f} s "
+        f"batch: {_count_of(total, 'command')} in {_count_of(batches, 'batch')}, {elapsed:.1f} s "
         f"({total / elapsed:,.0f}/s): {tally.applied:,} applied, {tally.replayed:,} replayed, "
         f"{refused:,} refused" + (f" ({codes})" if refused else ""),
         file=out,
@@ -104,6 +105,10 @@ def send_file(path: Path, url: str, secret: str, *, size: int, atomic: bool, out
     if refused > len(tally.refusals):
         print(f"  ... and {refused - len(tally.refusals):,} more", file=out)
     return 1 if refused else 0
+
+
+def _count_of(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "es" if noun.endswith("h") else "s")
 
 
 def _chunks(lines: list[bytes], size: int) -> list[tuple[int, int]]:
