@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -358,7 +359,7 @@ def _parser() -> argparse.ArgumentParser:
         "--projector", action="store_true", help="also run the projector in this process (development)"
     )
     serve.add_argument(
-        "--workers", type=_positive, default=1, metavar="N",
+        "--workers", type=_count(), default=1, metavar="N",
         help="API processes on HOST:PORT (default 1; measured: 2 on 2 cores serve nearly twice the spends)",
     )  # fmt: skip
     sub.add_parser("projector", help="run the projector (one active per database; others stand by)")
@@ -394,7 +395,7 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--url", help="the server's base URL (default: http://HOST:PORT)")
     batch.add_argument(
         "--size",
-        type=_batch_size,
+        type=_count(MAX_BATCH_LIMIT),
         default=1000,
         help="commands per batch (default 1000; the server's TALLY_MAX_BATCH at most)",
     )
@@ -437,18 +438,18 @@ def _keys_parser(keys: argparse.ArgumentParser) -> None:
 OWNER_COMMANDS = frozenset({"migrate", "seed", "rebuild", "keys"})
 
 
-def _positive(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more")
-    return value
+def _count(high: int | None = None) -> Callable[[str], int]:
+    """An argument type: a whole number from 1 (to ``high``)."""
 
+    def check(raw: str) -> int:
+        value = int(raw)
+        if value < 1 or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                "must be 1 or more" if high is None else f"must be 1 to {high:,}"
+            )
+        return value
 
-def _batch_size(raw: str) -> int:
-    value = int(raw)
-    if not 1 <= value <= MAX_BATCH_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_BATCH_LIMIT:,}")
-    return value
+    return check
 
 
 def _batch(args: argparse.Namespace, settings: Settings) -> int:
