@@ -96,7 +96,6 @@ DECLARE
     v_stream streams;                                   -- pass 2: the wallet's row, as changed so far
     v_user text;                                        -- its user, locked by this call when v_locked
     v_locked boolean;
-    v_dirty boolean := false;                           -- changed: its snapshot is to be written
     v_now timestamptz;
     v_writer xid8;                                      -- this transaction's, once it appends
     v_sequence regclass;
@@ -210,16 +209,7 @@ BEGIN
             RAISE EXCEPTION 'command % asks for a transaction of unknown kind %', r.key, r.kind
                 USING ERRCODE = 'data_exception';
         END IF;
-        IF r.user_id IS DISTINCT FROM v_user THEN  -- the next wallet: the last one's snapshot first
-            IF v_dirty THEN
-                s_n := s_n + 1;
-                s_id[s_n] := v_stream.stream_id;
-                s_version[s_n] := v_stream.version;
-                s_state[s_n] := v_stream.state;
-                s_hash[s_n] := v_stream.last_hash;
-                s_at[s_n] := v_stream.updated_at;
-                v_dirty := false;
-            END IF;
+        IF r.user_id IS DISTINCT FROM v_user THEN  -- the next wallet
             v_user := r.user_id;
             -- A batch never waits for a wallet another transaction holds (an operator's session,
             -- a batch of another API process): it would hold up every other command in it. The
@@ -279,7 +269,15 @@ BEGIN
                 v_stream.stream_id, v_stream.version, v_event_id, (r.flow).event_type, v_data, r.context, v_now));
             v_stream.state := jsonb_set(v_stream.state, ARRAY['balances', r.asset], to_jsonb(v_after));
             v_stream.updated_at := v_now;
-            v_dirty := true;
+            -- The wallet's snapshot as of this command (its later commands here overwrite it).
+            IF s_n = 0 OR s_id[s_n] <> v_stream.stream_id THEN
+                s_n := s_n + 1;
+            END IF;
+            s_id[s_n] := v_stream.stream_id;
+            s_version[s_n] := v_stream.version;
+            s_state[s_n] := v_stream.state;
+            s_hash[s_n] := v_stream.last_hash;
+            s_at[s_n] := v_stream.updated_at;
             e_n := e_n + 1;
             e_position[e_n] := v_position;
             e_stream[e_n] := v_stream.stream_id;
@@ -307,14 +305,6 @@ BEGIN
         c_event[c_n] := v_event_id;
         o_body[r.i] := v_body::text;
     END LOOP;
-    IF v_dirty THEN
-        s_n := s_n + 1;
-        s_id[s_n] := v_stream.stream_id;
-        s_version[s_n] := v_stream.version;
-        s_state[s_n] := v_stream.state;
-        s_hash[s_n] := v_stream.last_hash;
-        s_at[s_n] := v_stream.updated_at;
-    END IF;
     IF e_n > 0 THEN
         INSERT INTO events (global_position, stream_id, stream_version, event_id, event_type, data, metadata,
                             hash, recorded_at, writer_xid)
