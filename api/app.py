@@ -7,9 +7,13 @@ import contextlib
 import importlib.resources
 import logging
 import os
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
+import asyncpg
 from litestar import Litestar, Router
 from litestar.datastructures import State
 from litestar.di import Provide
@@ -31,13 +35,17 @@ from api.controllers import (
 )
 from api.database import BoundedPool, connect, create_pool
 from api.errors import EXCEPTION_HANDLERS
+from api.feed import FeedController
 from api.health import health_live, health_ready, metrics
 from api.observability import request_id_middleware
 from api.ratelimit import RateLimiter, ReadLimiter
 from api.settings import Settings
+from api.webhooks import WebhookController, dispatch_settings
 from commands import EventStore
+from projections.dispatcher import Dispatcher
 from projections.projector import Projector, ProjectorWaker
 from projections.watcher import ProjectionWatcher
+from projections.webhooks import HostPolicy
 
 log = logging.getLogger("tally.api")
 
@@ -64,9 +72,53 @@ def swagger_ui_assets() -> Path:
     return Path(str(importlib.resources.files("swagger_ui") / "static"))
 
 
-def create_app(settings: Settings, *, run_projector: bool = False) -> Litestar:
+def _on_exit_signals(callback: Callable[[], object]) -> None:
+    """Call ``callback`` first whenever the server is told to stop (SIGTERM, SIGINT), then the
+    server's own handler. The server installs its handlers before the app starts and puts back the
+    ones it found when it stops, so these go with it."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if callable(previous):
+
+            def handler(
+                signum: int, frame: FrameType | None, previous: Callable[..., Any] = previous
+            ) -> None:
+                callback()
+                previous(signum, frame)
+
+            signal.signal(sig, handler)
+
+
+async def _run_projector(
+    url: str, settings: Settings, name: str, stop: asyncio.Event, pools: list[asyncpg.Pool]
+) -> list[asyncio.Task[None]]:
+    """The projector, and the webhook dispatcher when webhooks are on, in this process (as `tally
+    projector` runs them), each on connections of its own (added to ``pools``), until ``stop``."""
+    # No statement timeout: a large batch may take a while.
+    projector_pool = await create_pool(url, settings, f"{name}:projector", min_size=1, max_size=2)
+    pools.append(projector_pool)
+    projector = Projector(
+        projector_pool, url, batch_size=settings.projector_batch_size,
+        poll_interval=settings.projector_poll_interval,
+    )  # fmt: skip
+    tasks = [asyncio.create_task(projector.run(stop), name="projector")]
+    dispatch = dispatch_settings(settings)
+    if dispatch is not None:
+        dispatcher_pool = await create_pool(url, settings, f"{name}:dispatcher", min_size=1, max_size=4)
+        pools.append(dispatcher_pool)
+        tasks.append(
+            asyncio.create_task(Dispatcher(dispatcher_pool, url, dispatch).run(stop), name="dispatcher")
+        )
+    return tasks
+
+
+def create_app(
+    settings: Settings, *, run_projector: bool = False, drain_on_signals: bool = False
+) -> Litestar:
     """The Tally API for ``settings.database_url`` (already resolved). With ``run_projector`` the
-    projector runs inside this process too (``make run``, tests); deployments run it separately."""
+    projector runs inside this process too (``make run``, tests); deployments run it separately.
+    With ``drain_on_signals`` (`tally serve`), SIGTERM and SIGINT end the open event streams and
+    long polls at once (api/feed.py), before the server waits for open responses to finish."""
     if not settings.database_url:
         raise ValueError("create_app needs a resolved database_url (see api.database.database_url)")
     url = settings.database_url
@@ -98,20 +150,18 @@ def create_app(settings: Settings, *, run_projector: bool = False) -> Litestar:
         control = BoundedPool(pool, settings.read_timeout, "commands")
         pools = [pool, read_pool]
         stop = asyncio.Event()
+        # Set when the server begins to stop: the event feed's streams and long polls end.
+        stopping = asyncio.Event()
+        if drain_on_signals:
+            loop = asyncio.get_running_loop()
+            _on_exit_signals(lambda: loop.call_soon_threadsafe(stopping.set))
         waker = ProjectorWaker(control)
         watcher = ProjectionWatcher(reads, lambda: connect(url, settings, f"{name}:watcher"))
         tasks = [asyncio.create_task(waker.run(stop), name="projector-waker")]
         try:
             await watcher.start()
             if run_projector:
-                # Its own connections, with no statement timeout: a large batch may take a while.
-                projector_pool = await create_pool(url, settings, f"{name}:projector", min_size=1, max_size=2)
-                pools.append(projector_pool)
-                projector = Projector(
-                    projector_pool, url, batch_size=settings.projector_batch_size,
-                    poll_interval=settings.projector_poll_interval,
-                )  # fmt: skip
-                tasks.append(asyncio.create_task(projector.run(stop), name="projector"))
+                tasks += await _run_projector(url, settings, name, stop, pools)
             app.state.pool = pool
             app.state.reads = reads
             app.state.control = control
@@ -126,6 +176,7 @@ def create_app(settings: Settings, *, run_projector: bool = False) -> Litestar:
                 max_batches=settings.batch_concurrency,
             )
             app.state.watcher = watcher
+            app.state.stopping = stopping
             yield
         finally:
             stop.set()
@@ -156,6 +207,8 @@ def create_app(settings: Settings, *, run_projector: bool = False) -> Litestar:
             TransactionController,
             HoldController,
             SystemController,
+            FeedController,
+            WebhookController,
             # A batch's body may be larger than any other request's (TALLY_MAX_BATCH).
             Router(
                 "/", route_handlers=[BatchController], request_max_body_size=settings.batch_max_body_bytes
@@ -181,6 +234,7 @@ def create_app(settings: Settings, *, run_projector: bool = False) -> Litestar:
                 "settings": settings,
                 "rate_limiter": RateLimiter(settings.rate_limit),
                 "read_limiter": ReadLimiter(settings.read_concurrency, settings.read_timeout),
+                "webhook_policy": HostPolicy.parse(settings.webhook_allowed_hosts),
             }
         ),
         dependencies={

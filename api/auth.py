@@ -45,6 +45,9 @@ SCOPES: Final = (
 SECRET_PREFIX: Final = "tally_sk_"  # noqa: S105 (a prefix, not a secret)
 _SECRET: Final = re.compile(r"tally_sk_([0-9a-f]{16})_[A-Za-z0-9_-]{43}")
 CACHE_SECONDS: Final = 2.0
+# The event stream (api/feed.py) lasts as long as its client: it takes a query's turn for each of its
+# reads rather than for its whole life.
+STREAM_PATH: Final = "/v1/events/stream"
 _CACHE_LIMIT: Final = 10_000
 
 _LOOKUP: Final = """
@@ -212,7 +215,12 @@ class BearerAuthentication(AbstractAuthenticationMiddleware):
         path: str = scope["path"]
         if not path.startswith("/docs"):  # TALLY_DOCS_PUBLIC=false: any valid key may read the docs
             require_scope(principal, scope["route_handler"])
-        if scope["type"] == ScopeType.HTTP and scope["method"] == "GET" and path.startswith("/v1/"):
+        if (
+            scope["type"] == ScopeType.HTTP
+            and scope["method"] == "GET"
+            and path.startswith("/v1/")
+            and path != STREAM_PATH  # a stream takes a turn for each of its reads (api/feed.py)
+        ):
             async with scope["litestar_app"].state.read_limiter.slot():
                 await self.app(scope, receive, send)
         else:

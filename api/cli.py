@@ -10,9 +10,11 @@ import contextlib
 import csv
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -99,10 +101,20 @@ def _serve(url: str, settings: Settings, run_projector: bool, workers: int = 1) 
         # Each worker process builds the app from the environment (api.cli:worker_app): the
         # database's URL (the embedded server's too, which this process keeps running) goes there.
         os.environ["DATABASE_URL"] = url
+        for variable, value in (
+            ("TALLY_WEBHOOK_KEY", settings.webhook_key),
+            ("TALLY_WEBHOOK_ALLOWED_HOSTS", settings.webhook_allowed_hosts),
+        ):  # fmt: skip
+            if value is not None:  # (the development ones, with the embedded database)
+                os.environ[variable] = value
         os.environ[_WORKER_PROJECTOR] = "1" if run_projector else ""
         app = "api.cli:worker_app"
     else:
-        app = create_app(msgspec.structs.replace(settings, database_url=url), run_projector=run_projector)
+        app = create_app(
+            msgspec.structs.replace(settings, database_url=url),
+            run_projector=run_projector,
+            drain_on_signals=True,
+        )
     uvicorn.run(
         app,
         factory=workers > 1,
@@ -128,10 +140,12 @@ def worker_app() -> Litestar:
 
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
-    return create_app(settings, run_projector=bool(os.environ.get(_WORKER_PROJECTOR)))
+    return create_app(settings, run_projector=bool(os.environ.get(_WORKER_PROJECTOR)), drain_on_signals=True)
 
 
 async def _projector(url: str, settings: Settings) -> None:
+    from api.webhooks import dispatch_settings
+    from projections.dispatcher import Dispatcher
     from projections.projector import Projector
 
     pool = await create_pool(url, settings, "tally-projector", min_size=1, max_size=2)
@@ -139,15 +153,44 @@ async def _projector(url: str, settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        await Projector(
-            pool,
-            url,
-            batch_size=settings.projector_batch_size,
+    runs = [
+        Projector(
+            pool, url, batch_size=settings.projector_batch_size,
             poll_interval=settings.projector_poll_interval,
         ).run(stop)
+    ]  # fmt: skip
+    dispatcher_pool = None
+    dispatch = dispatch_settings(settings)
+    if dispatch is None:
+        logging.getLogger("tally.dispatcher").info("webhooks are off: TALLY_WEBHOOK_KEY is not set")
+    else:  # the webhook dispatcher beside it (one active per database, like the projector)
+        dispatcher_pool = await create_pool(url, settings, "tally-dispatcher", min_size=1, max_size=4)
+        runs.append(Dispatcher(dispatcher_pool, url, dispatch).run(stop))
+    try:
+        results = await asyncio.gather(*runs, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
     finally:
         await pool.close()
+        if dispatcher_pool is not None:
+            await dispatcher_pool.close()
+
+
+async def _webhooks_replay(url: str, webhook_id: str, after: str | None) -> None:
+    from projections.positions import ORIGIN, Position
+    from projections.webhooks import WebhookNotFound, replay
+
+    pool = await create_pool(url, load_settings(), "tally-webhooks", min_size=1, max_size=1)
+    try:
+        done, _ = await replay(
+            pool, None, webhook_id, ORIGIN if after is None else Position.parse(after), f"cli:{uuid.uuid4()}"
+        )
+    except WebhookNotFound as exc:
+        raise ValueError(str(exc)) from None
+    finally:
+        await pool.close()
+    print(f"webhook {done.webhook_id}: {done.replayed} deliveries after {done.after} will be sent again")
 
 
 def _load_anchors(files: list[str]) -> list[tuple[str, Anchor]]:
@@ -362,7 +405,15 @@ def _parser() -> argparse.ArgumentParser:
         "--workers", type=_count(), default=1, metavar="N",
         help="API processes on HOST:PORT (default 1; measured: 2 on 2 cores serve nearly twice the spends)",
     )  # fmt: skip
-    sub.add_parser("projector", help="run the projector (one active per database; others stand by)")
+    sub.add_parser(
+        "projector",
+        help="run the projector and the webhook dispatcher (one active per database; others stand by)",
+    )
+    webhooks = sub.add_parser("webhooks", help="webhook operations")
+    webhooks_sub = webhooks.add_subparsers(dest="action", required=True)
+    replay = webhooks_sub.add_parser("replay", help="send a webhook's events again, from a point of the feed")
+    replay.add_argument("webhook_id")
+    replay.add_argument("--after", metavar="CURSOR", help="a feed cursor (default: from the first event)")
     verify = sub.add_parser("verify", help="prove from the events that every balance is right")
     verify.add_argument("--report", metavar="FILE", help="also write the full report as JSON")
     verify.add_argument(
@@ -438,6 +489,21 @@ def _keys_parser(keys: argparse.ArgumentParser) -> None:
 OWNER_COMMANDS = frozenset({"migrate", "seed", "rebuild", "keys"})
 
 
+def _development_webhooks(settings: Settings) -> Settings:
+    """With the embedded database (development): webhooks on, their key kept in
+    TALLY_DATA_DIR/webhook-key (made once), and loopback allowed beside public hosts, unless set."""
+    key = settings.webhook_key
+    if key is None:
+        path = settings.data_dir / "webhook-key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+            path.write_text(secrets.token_urlsafe(32) + "\n")
+        key = path.read_text().strip()
+    hosts = settings.webhook_allowed_hosts or "public,localhost,127.0.0.1,::1"
+    return msgspec.structs.replace(settings, webhook_key=key, webhook_allowed_hosts=hosts)
+
+
 def _count(high: int | None = None) -> Callable[[str], int]:
     """An argument type: a whole number from 1 (to ``high``)."""
 
@@ -494,6 +560,8 @@ def _dispatch(args: argparse.Namespace, base: str, settings: Settings) -> int:
         asyncio.run(_balances(url, args.as_of, args.output or "table"))
     elif command == "keys":
         return asyncio.run(_keys(url, args, settings))
+    elif command == "webhooks":
+        asyncio.run(_webhooks_replay(url, args.webhook_id, args.after))
     else:
         return asyncio.run(
             _projections(url, args.action, getattr(args, "name", None), getattr(args, "json", False))
@@ -512,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "batch":
         return _batch(args, settings)
+    if not settings.database_url:
+        settings = _development_webhooks(settings)
     try:
         with database_url(settings) as url:
             return _dispatch(args, url, settings)

@@ -22,6 +22,7 @@ from api.ratelimit import RateLimited
 from commands.errors import Overloaded, Unavailable, describe, is_transient
 from domain import DomainError
 from projections.watcher import ProjectionTimeout
+from projections.webhooks import UrlNotAllowed, WebhookKeyReused, WebhookNotFound, WebhooksNotConfigured
 
 log = logging.getLogger("tally.api")
 T = TypeVar("T")
@@ -38,6 +39,8 @@ STATUS_BY_CODE: Final = {
     "transaction_not_found": 404,
     "hold_not_found": 404,
     "not_found": 404,
+    "webhook_not_found": 404,
+    "url_not_allowed": 400,
     "method_not_allowed": 405,
     "payload_too_large": 413,
     "batch_too_large": 413,
@@ -57,6 +60,7 @@ STATUS_BY_CODE: Final = {
     "projection_timeout": 503,
     "unavailable": 503,
     "overloaded": 503,
+    "webhooks_not_configured": 503,
     "internal_error": 500,
 }
 
@@ -210,6 +214,10 @@ EXCEPTION_HANDLERS: Final[ExceptionHandlersMap] = {
     IdempotencyKeyMissing: _coded,
     InvalidRequest: _coded,
     ProjectionTimeout: _coded,
+    WebhookNotFound: _coded,
+    WebhookKeyReused: _coded,
+    WebhooksNotConfigured: _coded,
+    UrlNotAllowed: _coded,
     Unavailable: _unavailable,
     Overloaded: _unavailable,
     asyncpg.PostgresError: _database,

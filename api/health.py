@@ -22,11 +22,16 @@ from api.observability import (
     PROJECTION_LAG_SECONDS,
     PROJECTION_STOPPED,
     READ_POOL_CONNECTIONS,
+    WEBHOOK_ATTEMPTS,
+    WEBHOOK_DELIVERIES,
+    WEBHOOK_FAILURES,
+    WEBHOOK_LAG,
 )
 from api.settings import Settings
 from commands import EventStore
 from commands.errors import Overloaded
 from projections.status import ProjectionStatus, projection_status
+from projections.webhooks import webhook_health
 
 _DATABASE_TIMEOUT = 2.0
 
@@ -168,6 +173,15 @@ async def _refresh_gauges(state: State) -> None:
         PROJECTION_LAG_EVENTS.labels(status.name).set(status.events_behind)
         PROJECTION_LAG_SECONDS.labels(status.name).set(status.seconds_behind)
         PROJECTION_STOPPED.labels(status.name).set(0 if status.error is None else 1)
+    hooks = await webhook_health(reads)
+    for gauge in (WEBHOOK_DELIVERIES, WEBHOOK_LAG, WEBHOOK_ATTEMPTS, WEBHOOK_FAILURES):
+        gauge.clear()  # a deleted subscription's series go
+    for hook in hooks:
+        WEBHOOK_DELIVERIES.labels(hook.webhook_id, "pending").set(hook.pending)
+        WEBHOOK_DELIVERIES.labels(hook.webhook_id, "parked").set(hook.parked)
+        WEBHOOK_LAG.labels(hook.webhook_id).set(hook.lag_seconds)
+        WEBHOOK_ATTEMPTS.labels(hook.webhook_id).set(hook.attempts)
+        WEBHOOK_FAILURES.labels(hook.webhook_id).set(hook.failures)
 
 
 @get("/metrics", include_in_schema=False, **scoped("metrics:read"))

@@ -218,11 +218,14 @@ _CLOSE_FUNCTIONS: Final = (
     "SELECT format('REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA %I FROM PUBLIC', current_schema())"
 )
 
-# What the application role may write besides calling the command functions: the read models
-# and the projections' checkpoints (the projector runs as it). Everything else it may only read.
+# What the application role may write besides calling the command functions: the read models,
+# the projections' checkpoints (the projector runs as it) and the webhooks' tables. Everything
+# else it may only read.
 _APP_WRITES: Final = (
     "rm_assets", "rm_wallets", "rm_balances", "rm_holds", "rm_transactions", "rm_history_wallets",
     "rm_system_balances", "projection_checkpoints",
+    # Webhooks: subscriptions (the API) and their deliveries (the dispatcher); not history.
+    "webhooks", "webhook_secrets", "webhook_deliveries", "webhook_replays",
 )  # fmt: skip
 
 

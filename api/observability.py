@@ -51,6 +51,30 @@ PROJECTION_STOPPED: Final = Gauge(
 POOL_CONNECTIONS: Final = Gauge("tally_db_pool_connections", "Commands' pool connections", ["state"])
 READ_POOL_CONNECTIONS: Final = Gauge("tally_db_read_pool_connections", "Queries' pool connections", ["state"])
 COMMAND_QUEUE: Final = Gauge("tally_command_queue", "Commands waiting for a batch in this process")
+FEED_CONSUMERS: Final = Gauge(
+    "tally_feed_consumers",
+    "Event feed requests waiting for events (poll) and open streams (stream)",
+    ["kind"],
+)
+FEED_EVENTS: Final = Counter("tally_feed_events", "Events served by the event feed", ["kind"])
+WEBHOOK_DELIVERIES: Final = Gauge(
+    "tally_webhook_deliveries",
+    "Deliveries not acknowledged, by subscription and status",
+    ["webhook", "status"],
+)  # status: pending, parked
+WEBHOOK_LAG: Final = Gauge(
+    "tally_webhook_delivery_lag_seconds",
+    "Age of the oldest event the subscription has not acknowledged",
+    ["webhook"],
+)
+# Read from the database at each scrape (the dispatcher may run in another process): counts since the
+# subscription was made.
+WEBHOOK_ATTEMPTS: Final = Gauge(
+    "tally_webhook_attempts", "Delivery attempts of the subscription", ["webhook"]
+)
+WEBHOOK_FAILURES: Final = Gauge(
+    "tally_webhook_failures", "Failed delivery attempts of the subscription", ["webhook"]
+)
 
 
 class JsonFormatter(logging.Formatter):

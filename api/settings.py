@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -22,7 +23,9 @@ ENVIRONMENT_VARIABLES = (
     "TALLY_IDLE_IN_TRANSACTION_TIMEOUT_MS", "TALLY_LOG_LEVEL", "TALLY_LOG_FORMAT",
     "TALLY_READY_MAX_LAG_SECONDS", "TALLY_MIGRATIONS_DIR", "TALLY_DOCS_PUBLIC", "TALLY_RATE_LIMIT",
     "TALLY_MAX_BODY_BYTES", "TALLY_OWNER_DATABASE_URL", "TALLY_APP_ROLE", "TALLY_APP_PASSWORD",
-    "TALLY_ANCHOR_KEY",
+    "TALLY_ANCHOR_KEY", "TALLY_MAX_BATCH", "TALLY_BATCH_CONCURRENCY", "TALLY_FEED_HEARTBEAT",
+    "TALLY_WEBHOOK_KEY", "TALLY_WEBHOOK_ALLOWED_HOSTS", "TALLY_WEBHOOK_TIMEOUT",
+    "TALLY_WEBHOOK_RETRY_SECONDS", "TALLY_WEBHOOK_BACKOFF",
 )  # fmt: skip
 
 
@@ -96,6 +99,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Batches decided at once per process (each holds a connection of the commands' pool while it
     # runs); more wait their turn, at most command_timeout.
     batch_concurrency: int = 2
+    # Seconds between keep-alive comments on an idle GET /v1/events/stream (proxies close quiet
+    # connections; each also moves the stream's Last-Event-ID past events a filter left out).
+    feed_heartbeat: float = 15.0
+    # The key webhooks' signing secrets derive from (projections/webhooks.py); kept outside the
+    # database. Unset: no webhooks (`make run` keeps one in TALLY_DATA_DIR/webhook-key).
+    webhook_key: str | None = None
+    # Where webhooks may point: `public` (any host with only public addresses, the default), host
+    # names and `*.example.com` patterns (allowed whatever their addresses), comma-separated.
+    webhook_allowed_hosts: str | None = None
+    # Seconds a receiver has to answer; how long a delivery is retried before it is parked; the
+    # first retry's delay (doubling, with jitter, up to an hour).
+    webhook_timeout: float = 10.0
+    webhook_retry_seconds: float = 86400.0
+    webhook_backoff: float = 1.0
 
     @property
     def batch_max_body_bytes(self) -> int:
@@ -121,6 +138,8 @@ def _positive(convert: Callable[[str], T]) -> Callable[[str], T]:
         value = convert(raw)
         if not value > 0:  # type: ignore[operator]
             raise ValueError("must be greater than zero")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("must be a finite number")
         return value
 
     return check
@@ -213,6 +232,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_body_bytes=_parse(env, "TALLY_MAX_BODY_BYTES", _positive(int), d.max_body_bytes),
         max_batch=_parse(env, "TALLY_MAX_BATCH", _at_most(MAX_BATCH_LIMIT), d.max_batch),
         batch_concurrency=_parse(env, "TALLY_BATCH_CONCURRENCY", _positive(int), d.batch_concurrency),
+        feed_heartbeat=_parse(env, "TALLY_FEED_HEARTBEAT", _positive(float), d.feed_heartbeat),
+        webhook_key=env.get("TALLY_WEBHOOK_KEY") or None,
+        webhook_allowed_hosts=env.get("TALLY_WEBHOOK_ALLOWED_HOSTS") or None,
+        webhook_timeout=_parse(env, "TALLY_WEBHOOK_TIMEOUT", _positive(float), d.webhook_timeout),
+        webhook_retry_seconds=_parse(
+            env, "TALLY_WEBHOOK_RETRY_SECONDS", _positive(float), d.webhook_retry_seconds
+        ),
+        webhook_backoff=_parse(env, "TALLY_WEBHOOK_BACKOFF", _positive(float), d.webhook_backoff),
     )
     if settings.pool_min_size > settings.pool_max_size:
         raise SettingsError("TALLY_POOL_MIN_SIZE must not exceed TALLY_POOL_MAX_SIZE")

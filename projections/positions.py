@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Final, NamedTuple
+
+MAX_XID8: Final = 2**64 - 1  # xid8, an unsigned 64-bit number
+MAX_POSITION: Final = 2**63 - 1  # global_position, a bigint
 
 
 class Position(NamedTuple):
@@ -18,7 +21,10 @@ class Position(NamedTuple):
         digits = xid.isascii() and xid.isdigit() and position.isascii() and position.isdigit()
         if not sep or not digits or len(token) > 41:
             raise ValueError(f"{token!r} is not a consistency token")
-        return cls(int(xid), int(position))
+        parsed = cls(int(xid), int(position))
+        if parsed.xid > MAX_XID8 or parsed.position > MAX_POSITION:
+            raise ValueError(f"{token!r} is not a consistency token")
+        return parsed
 
     def token(self) -> str:
         return f"{self.xid}.{self.position}"

@@ -158,7 +158,7 @@ class Projector:
                 delay = RECONNECT_DELAYS[min(self._failures, len(RECONNECT_DELAYS) - 1)]
                 self._failures += 1
                 log.warning("projector interrupted (%s); retrying in %.1f s", exc, delay)
-                await _wait_any(asyncio.Event(), stop, delay)
+                await wait_any(asyncio.Event(), stop, delay)
             else:
                 return
 
@@ -185,7 +185,7 @@ class Projector:
                     if time.monotonic() - warned > 60:
                         log.error("projections wait: %s", RESTORED)
                         warned = time.monotonic()
-                    await _wait_any(asyncio.Event(), stop, self._poll_interval)
+                    await wait_any(asyncio.Event(), stop, self._poll_interval)
                     continue
                 checkpoints = await catch_up(self._pool, self._batch_size)
                 if checkpoints != last:
@@ -196,7 +196,7 @@ class Projector:
                     swept = time.monotonic()
                     await self._sweep()
                 await asyncio.sleep(MIN_ROUND_INTERVAL)
-                await _wait_any(self._wake, stop, self._poll_interval)
+                await wait_any(self._wake, stop, self._poll_interval)
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(listener.close(), 2)
@@ -223,11 +223,11 @@ class Projector:
             if not announced:
                 log.info("another projector is active; standing by")
                 announced = True
-            await _wait_any(asyncio.Event(), stop, self._poll_interval)
+            await wait_any(asyncio.Event(), stop, self._poll_interval)
         return False
 
 
-async def _wait_any(wake: asyncio.Event, stop: asyncio.Event, seconds: float) -> None:
+async def wait_any(wake: asyncio.Event, stop: asyncio.Event, seconds: float) -> None:
     waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stop.wait())]
     try:
         await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
@@ -251,7 +251,7 @@ class ProjectorWaker:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            await _wait_any(self._pending, stop, 1.0)
+            await wait_any(self._pending, stop, 1.0)
             if self._pending.is_set():
                 self._pending.clear()
                 try:

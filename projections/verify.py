@@ -327,6 +327,18 @@ CHECKS: Final[list[tuple[str, str, str]]] = [
              {_LIMIT}""",
     ),
     (
+        "stream_writer_head",
+        "every stream row's last_writer_xid is the greatest writer_xid of its events, so that its next "
+        "event sorts after them all in the feed (commands/sql/tally_writer_xid.sql)",
+        f"""SELECT 'stream_writer_head', 'the stream''s last_writer_xid is not its events'' greatest',
+                   s.stream_id, NULL::bigint, NULL::bigint, e.newest::text, s.last_writer_xid::text
+              FROM streams s
+              JOIN (SELECT stream_id, max(writer_xid) AS newest FROM events GROUP BY stream_id) e
+                ON e.stream_id = s.stream_id
+             WHERE s.last_writer_xid <> e.newest
+             ORDER BY s.stream_id {_LIMIT}""",
+    ),
+    (
         "hash_chain_broken",
         "every event's hash is sha256(previous hash of its stream || its canonical bytes)",
         f"""SELECT 'hash_chain_broken', 'the event does not hash to its stored hash: altered, or its '

@@ -1,8 +1,11 @@
-"""Read-your-writes: waits until the projections have applied a consistency token.
+"""Read-your-writes: waits until the projections have applied a consistency token; and the event
+feed's long polls: wakes them when events may have been appended.
 
 The projector NOTIFYs its checkpoints on ``tally_projections`` after each round; this watcher keeps
 the latest in memory (one dedicated listening connection per API process) and polls the
-checkpoint table as a fallback, so a lost notification delays an answer, never falsifies it.
+checkpoint table as a fallback, so a lost notification delays an answer, never falsifies it. The
+same connection listens on ``tally_events``, which the API processes notify after commands commit
+(projections.projector.ProjectorWaker).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import asyncpg
 import msgspec
 
 from projections.positions import ORIGIN, Position
-from projections.projector import PROGRESS_CHANNEL, RECONNECT_DELAYS
+from projections.projector import EVENTS_CHANNEL, PROGRESS_CHANNEL, RECONNECT_DELAYS
 from projections.reader import Reader
 
 log = logging.getLogger("tally.watcher")
@@ -42,6 +45,7 @@ class ProjectionWatcher:
         self._connect = connect
         self._positions: dict[str, Position] = {}
         self._changed = asyncio.Event()
+        self._appended = asyncio.Event()
         self._listener: asyncpg.Connection | None = None
         self._lost = asyncio.Event()
         self._poll_task: asyncio.Task[None] | None = None
@@ -73,6 +77,7 @@ class ProjectionWatcher:
         listener = await self._connect()
         listener.add_termination_listener(lambda _conn: self._lost.set())
         await listener.add_listener(PROGRESS_CHANNEL, self._on_progress)
+        await listener.add_listener(EVENTS_CHANNEL, self._on_append)
         self._listener = listener
 
     async def _keep_listening(self) -> None:
@@ -106,6 +111,10 @@ class ProjectionWatcher:
         except (msgspec.DecodeError, ValueError):
             log.warning("ignored a malformed progress notification: %r", payload)
 
+    def _on_append(self, *_: object) -> None:
+        self._appended.set()
+        self._appended = asyncio.Event()
+
     def _advance(self, update: dict[str, Position]) -> None:
         for name, position in update.items():
             if position > self._positions.get(name, ORIGIN):
@@ -127,6 +136,16 @@ class ProjectionWatcher:
         """Return when the projections next report progress, or after ``seconds``."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), seconds)
+
+    async def next_events(self, seconds: float) -> None:
+        """Return when events may have been appended (an API process says commands committed, or the
+        projections moved: the events of any other writer), or after ``seconds``."""
+        waiters = [asyncio.ensure_future(self._appended.wait()), asyncio.ensure_future(self._changed.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
 
     async def wait_for(self, projection: str, token: Position, seconds: float) -> None:
         """Return once ``projection`` has applied ``token``; ProjectionTimeout after ``seconds``."""

@@ -1,5 +1,5 @@
 -- Appends one event to a stream whose row the caller has locked (or just created), chaining its
--- hash to the stream's head; `p_writer_xid` is the transaction's (tally_writer_xid). Returns the
+-- hash to the stream's head; `p_writer_xid` is the event's (tally_stream_writer_xid). Returns the
 -- new head and the consistency token "<writer xid>.<global position>" that read-your-writes waits
 -- for. The caller updates the stream
 -- row (version, snapshot, last_hash) in the same transaction.

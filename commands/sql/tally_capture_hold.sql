@@ -25,6 +25,7 @@ DECLARE
     v_final boolean := coalesce((v_cmd ->> 'final')::boolean, true);
     v_placed events;
     v_stream streams;
+    v_writer xid8;
     v_claim record;
     v_entry jsonb;
     v_ended record;
@@ -90,14 +91,16 @@ BEGIN
             'reference', v_placed.data -> 'reference', 'metadata', v_placed.data -> 'metadata',
             'balance_after', v_after, 'hold_id', v_hold_id, 'final', v_final, 'released', v_released,
             'hold_remaining', v_left);
+        v_writer := tally_stream_writer_xid(v_stream.last_writer_xid);
         v_event := tally_append_event(v_stream.stream_id, v_stream.version + 1, v_stream.last_hash, v_event_id,
-                                      'HoldCaptured', v_data, v_context, v_now, tally_writer_xid());
+                                      'HoldCaptured', v_data, v_context, v_now, v_writer);
         UPDATE streams
            SET version = v_stream.version + 1,
                state = tally_with_hold(
                    jsonb_set(v_stream.state, ARRAY['balances', v_asset], to_jsonb(v_after)), v_hold_id,
                    CASE WHEN v_left > 0 THEN jsonb_set(v_entry, '{remaining}', to_jsonb(v_left)) END),
                last_hash = v_event.o_hash,
+               last_writer_xid = v_writer,
                updated_at = v_now
          WHERE stream_id = v_stream.stream_id;
         v_body := v_data || jsonb_build_object('wallet_version', v_stream.version + 1,

@@ -15,6 +15,7 @@ DECLARE
                        || jsonb_build_object('command_id', v_key, 'client_id', v_client);
     v_code text := p_command -> 'command' ->> 'code';
     v_stream text := 'asset:' || v_code;
+    v_writer xid8;
     v_now timestamptz := now();
     v_data jsonb := jsonb_build_object('code', v_code, 'name', p_command -> 'command' ->> 'name',
                                        'decimals', (p_command -> 'command' ->> 'decimals')::int);
@@ -38,9 +39,10 @@ BEGIN
         RETURN QUERY SELECT 'asset_exists', v_body::text, false;
         RETURN;
     END IF;
+    v_writer := tally_writer_xid();
     v_event := tally_append_event(v_stream, 1, tally_genesis_hash(), v_event_id, 'AssetDefined', v_data,
-                                  v_context, v_now, tally_writer_xid());
-    UPDATE streams SET last_hash = v_event.o_hash WHERE stream_id = v_stream;
+                                  v_context, v_now, v_writer);
+    UPDATE streams SET last_hash = v_event.o_hash, last_writer_xid = v_writer WHERE stream_id = v_stream;
     v_body := v_data || jsonb_build_object('created_at', tally_timestamp_text(v_now),
                                            'consistency_token', v_event.o_token);
     PERFORM tally_record_outcome(v_client, v_key, v_fingerprint, v_context, 'accepted', v_body, v_stream, v_event_id);

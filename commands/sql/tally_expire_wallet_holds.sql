@@ -36,7 +36,7 @@ BEGIN
         v_data := jsonb_build_object('hold_id', v_hold.hold_id, 'user_id', p_user_id,
                                      'asset', v_hold.entry -> 'asset', 'released', v_hold.entry -> 'remaining',
                                      'expires_at', v_hold.entry -> 'expires_at');
-        v_writer := coalesce(v_writer, tally_writer_xid());
+        v_writer := coalesce(v_writer, tally_stream_writer_xid(v_stream.last_writer_xid));
         v_event := tally_append_event(v_stream.stream_id, v_stream.version + 1, v_stream.last_hash, gen_random_uuid(),
                                       'HoldExpired', v_data, jsonb_build_object('cause', 'hold expired'), v_now,
                                       v_writer);
@@ -47,7 +47,8 @@ BEGIN
     END LOOP;
     IF v_ended > 0 THEN
         UPDATE streams
-           SET version = v_stream.version, state = v_stream.state, last_hash = v_stream.last_hash, updated_at = v_now
+           SET version = v_stream.version, state = v_stream.state, last_hash = v_stream.last_hash,
+               last_writer_xid = v_writer, updated_at = v_now
          WHERE stream_id = v_stream.stream_id;
     END IF;
     RETURN v_ended;

@@ -15,6 +15,7 @@ DECLARE
                        || jsonb_build_object('command_id', v_key, 'client_id', v_client);
     v_user_id text := p_command -> 'command' ->> 'user_id';
     v_stream text := 'wallet:' || v_user_id;
+    v_writer xid8;
     v_now timestamptz := now();
     v_data jsonb := jsonb_build_object('user_id', v_user_id,
                                        'metadata', coalesce(p_command -> 'command' -> 'metadata', '{}'));
@@ -38,9 +39,10 @@ BEGIN
         RETURN QUERY SELECT 'wallet_exists', v_body::text, false;
         RETURN;
     END IF;
+    v_writer := tally_writer_xid();
     v_event := tally_append_event(v_stream, 1, tally_genesis_hash(), v_event_id, 'WalletOpened', v_data,
-                                  v_context, v_now, tally_writer_xid());
-    UPDATE streams SET last_hash = v_event.o_hash WHERE stream_id = v_stream;
+                                  v_context, v_now, v_writer);
+    UPDATE streams SET last_hash = v_event.o_hash, last_writer_xid = v_writer WHERE stream_id = v_stream;
     v_body := v_data || jsonb_build_object('version', 1, 'balances', '[]'::jsonb,
                                            'created_at', tally_timestamp_text(v_now),
                                            'consistency_token', v_event.o_token);

@@ -26,6 +26,7 @@ DECLARE
     v_amount bigint := (v_cmd ->> 'amount')::bigint;
     v_seconds int := (v_cmd ->> 'expires_in_seconds')::int;
     v_stream streams;
+    v_writer xid8;
     v_claim record;
     v_now timestamptz;
     v_expires timestamptz;
@@ -74,13 +75,15 @@ BEGIN
             'hold_id', v_hold_id, 'user_id', v_user_id, 'asset', v_asset, 'amount', v_amount,
             'expires_at', tally_timestamp_text(v_expires), 'reference', v_cmd ->> 'reference',
             'metadata', coalesce(v_cmd -> 'metadata', '{}'));
+        v_writer := tally_stream_writer_xid(v_stream.last_writer_xid);
         v_event := tally_append_event(v_stream.stream_id, v_stream.version + 1, v_stream.last_hash, v_hold_id,
-                                      'HoldPlaced', v_data, v_context, v_now, tally_writer_xid());
+                                      'HoldPlaced', v_data, v_context, v_now, v_writer);
         UPDATE streams
            SET version = v_stream.version + 1,
                state = tally_with_hold(v_stream.state, v_hold_id, jsonb_build_object(
                    'asset', v_asset, 'remaining', v_amount, 'expires_at', v_data -> 'expires_at')),
                last_hash = v_event.o_hash,
+               last_writer_xid = v_writer,
                updated_at = v_now
          WHERE stream_id = v_stream.stream_id;
         v_body := tally_hold_body(v_data, 0, v_amount, 'active', v_now, v_event.o_token);

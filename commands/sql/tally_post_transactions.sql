@@ -98,6 +98,7 @@ DECLARE
     v_locked boolean;
     v_now timestamptz;
     v_writer xid8;                                      -- this transaction's, once it appends
+    v_event_writer xid8;                                -- an event's: never below its wallet's last
     v_sequence regclass;
     v_position bigint;
     v_balance numeric;
@@ -117,12 +118,14 @@ DECLARE
     e_metadata jsonb[] := '{}';
     e_hash bytea[] := '{}';
     e_at timestamptz[] := '{}';
+    e_writer xid8[] := '{}';
     s_n int := 0;
     s_id text[] := '{}';
     s_version bigint[] := '{}';
     s_state jsonb[] := '{}';
     s_hash bytea[] := '{}';
     s_at timestamptz[] := '{}';
+    s_writer xid8[] := '{}';
     c_n int := 0;
     c_client uuid[] := '{}';
     c_key text[] := '{}';
@@ -261,6 +264,10 @@ BEGIN
                 'amount', r.amount, 'entries', tally_legs(r.flow, r.user_id, r.amount), 'reference', r.reference,
                 'metadata', r.metadata, 'balance_after', v_after);
             v_writer := coalesce(v_writer, tally_writer_xid());
+            -- After the wallet's newest event in the commit order, whichever transaction wrote it
+            -- (commands/sql/tally_writer_xid.sql, tally_stream_writer_xid).
+            v_event_writer := greatest(v_writer, v_stream.last_writer_xid);
+            v_stream.last_writer_xid := v_event_writer;
             -- The event as tally_append_event would write it: its position taken now, so that its
             -- consistency token can be answered before the one INSERT below.
             v_position := nextval(v_sequence);
@@ -278,6 +285,7 @@ BEGIN
             s_state[s_n] := v_stream.state;
             s_hash[s_n] := v_stream.last_hash;
             s_at[s_n] := v_stream.updated_at;
+            s_writer[s_n] := v_event_writer;
             e_n := e_n + 1;
             e_position[e_n] := v_position;
             e_stream[e_n] := v_stream.stream_id;
@@ -288,10 +296,11 @@ BEGIN
             e_metadata[e_n] := r.context;
             e_hash[e_n] := v_stream.last_hash;
             e_at[e_n] := v_now;
+            e_writer[e_n] := v_event_writer;
             v_body := v_data || jsonb_build_object('wallet_version', v_stream.version,
                                                    'created_by', r.context ->> 'created_by',
                                                    'created_at', tally_timestamp_text(v_now),
-                                                   'consistency_token', v_writer::text || '.' || v_position);
+                                                   'consistency_token', v_event_writer::text || '.' || v_position);
         END IF;
         -- The command's row (tally_record_outcome's), written below with the others.
         c_n := c_n + 1;
@@ -309,11 +318,12 @@ BEGIN
         INSERT INTO events (global_position, stream_id, stream_version, event_id, event_type, data, metadata,
                             hash, recorded_at, writer_xid)
         OVERRIDING SYSTEM VALUE
-        SELECT u.*, v_writer FROM unnest(e_position, e_stream, e_version, e_id, e_type, e_data, e_metadata,
-                                         e_hash, e_at) AS u;
+        SELECT * FROM unnest(e_position, e_stream, e_version, e_id, e_type, e_data, e_metadata, e_hash, e_at,
+                             e_writer);
         UPDATE streams s
-           SET version = u.version, state = u.state, last_hash = u.hash, updated_at = u.at
-          FROM unnest(s_id, s_version, s_state, s_hash, s_at) AS u(id, version, state, hash, at)
+           SET version = u.version, state = u.state, last_hash = u.hash, updated_at = u.at,
+               last_writer_xid = u.writer
+          FROM unnest(s_id, s_version, s_state, s_hash, s_at, s_writer) AS u(id, version, state, hash, at, writer)
          WHERE s.stream_id = u.id;
     END IF;
     IF c_n > 0 THEN

@@ -29,6 +29,7 @@ DECLARE
     v_target uuid := (v_cmd ->> 'transaction_id')::uuid;
     v_original events;
     v_stream streams;
+    v_writer xid8;
     v_claim record;
     v_asset text;
     v_user_id text;
@@ -102,12 +103,14 @@ BEGIN
                 'amount', v_amount, 'entries', v_entries, 'reference', v_cmd ->> 'reference',
                 'metadata', coalesce(v_cmd -> 'metadata', '{}'), 'balance_after', v_after,
                 'reverses', v_target, 'reason', v_cmd ->> 'reason');
+            v_writer := tally_stream_writer_xid(v_stream.last_writer_xid);
             v_event := tally_append_event(v_stream.stream_id, v_stream.version + 1, v_stream.last_hash, v_event_id,
-                                          'CreditsReversed', v_data, v_context, v_now, tally_writer_xid());
+                                          'CreditsReversed', v_data, v_context, v_now, v_writer);
             UPDATE streams
                SET version = v_stream.version + 1,
                    state = jsonb_set(v_stream.state, ARRAY['balances', v_asset], to_jsonb(v_after)),
                    last_hash = v_event.o_hash,
+                   last_writer_xid = v_writer,
                    updated_at = v_now
              WHERE stream_id = v_stream.stream_id;
             v_body := v_data || jsonb_build_object('wallet_version', v_stream.version + 1,

@@ -17,6 +17,7 @@ DECLARE
     v_hold_id uuid := (v_cmd ->> 'hold_id')::uuid;
     v_placed events;
     v_stream streams;
+    v_writer xid8;
     v_claim record;
     v_entry jsonb;
     v_ended record;
@@ -56,12 +57,14 @@ BEGIN
         v_event_id := gen_random_uuid();
         v_data := jsonb_build_object('hold_id', v_hold_id, 'user_id', v_placed.data -> 'user_id', 'asset', v_asset,
                                      'released', v_remaining, 'reason', v_cmd ->> 'reason');
+        v_writer := tally_stream_writer_xid(v_stream.last_writer_xid);
         v_event := tally_append_event(v_stream.stream_id, v_stream.version + 1, v_stream.last_hash, v_event_id,
-                                      'HoldVoided', v_data, v_context, v_now, tally_writer_xid());
+                                      'HoldVoided', v_data, v_context, v_now, v_writer);
         UPDATE streams
            SET version = v_stream.version + 1,
                state = tally_with_hold(v_stream.state, v_hold_id, NULL),
                last_hash = v_event.o_hash,
+               last_writer_xid = v_writer,
                updated_at = v_now
          WHERE stream_id = v_stream.stream_id;
         v_body := tally_hold_body(v_placed.data, (v_placed.data ->> 'amount')::bigint - v_remaining, 0, 'voided',

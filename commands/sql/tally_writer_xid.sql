@@ -19,7 +19,8 @@ CREATE OR REPLACE FUNCTION tally_xid_offset() RETURNS bigint LANGUAGE sql STABLE
     SELECT offset_by FROM writer_xid_offset
 $$;
 
--- The writer_xid every event of the calling transaction carries. The offset and the check are read
+-- The calling transaction's own writer_xid: its events carry it, or their stream's newest writer_xid
+-- when that is greater (tally_stream_writer_xid, below). The offset and the check are read
 -- in one statement (one snapshot): a repair committing in between could otherwise pair the old
 -- offset with a history no longer ahead. The transaction's own events (an earlier call in it) are
 -- below its own id + 1, so they never make it look ahead.
@@ -43,6 +44,19 @@ BEGIN
     END IF;
     RETURN (v_mine + v_offset)::text::xid8;
 END $$;
+
+-- The writer_xid of an event appended to a stream whose newest event carries p_last (the stream's
+-- last_writer_xid): the transaction's own, or p_last when that is greater. A transaction gets its id
+-- at its first write, which may be another wallet's lock taken before it waits for this one; a
+-- younger transaction may meanwhile append to this stream and commit. With its own id the older
+-- one's event would sort before that younger event in the commit order, against the stream's
+-- versions (proven by tests/integration/test_feed_order.py). Any writer_xid at or above the
+-- transaction's own is safe for the reader: it reads only writer_xids below the xmin of its
+-- snapshot, and a transaction's own id is below that only once it has finished; and an event's
+-- position, drawn under the stream's lock, follows that of every earlier event of the stream.
+CREATE OR REPLACE FUNCTION tally_stream_writer_xid(p_last xid8) RETURNS xid8 LANGUAGE sql AS $$
+    SELECT greatest(tally_writer_xid(), p_last)
+$$;
 
 -- Events whose writer_xid is below this were written by transactions that have finished (the
 -- xmin of the current snapshot, offset): what a projection may read.

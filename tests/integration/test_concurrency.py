@@ -53,9 +53,10 @@ async def test_fifty_concurrent_spends_exactly_k_succeed(pool: asyncpg.Pool, sto
     assert outcomes.count("insufficient_funds") == CONTENDERS - AFFORDABLE
     assert await stream_balance(pool, "hot") == 40
     assert await event_balance(pool, "hot") == 40
-    # Versions are gapless: open + top-up + 7 spends, each written by its own transaction.
+    # Versions are gapless: open + top-up + 7 spends, each written by its own transaction (the
+    # row's xmin: a writer_xid may be an earlier writer's, commands/sql/tally_writer_xid.sql).
     events = await pool.fetch(
-        "SELECT stream_version, writer_xid::text AS xid FROM events WHERE stream_id = 'wallet:hot' ORDER BY 2"
+        "SELECT stream_version, xmin::text AS xid FROM events WHERE stream_id = 'wallet:hot' ORDER BY 2"
     )
     assert sorted(r["stream_version"] for r in events) == list(range(1, 3 + AFFORDABLE))
     assert len({r["xid"] for r in events}) == len(events)

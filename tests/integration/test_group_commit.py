@@ -74,9 +74,10 @@ async def test_one_batch_decides_each_command_as_alone(pool: asyncpg.Pool) -> No
     # Not-found rejections are not recorded, so that key is free for a later, valid request.
     assert await pool.fetchval("SELECT count(*) FROM commands WHERE command_id = 'n1'") == 0
     assert await pool.fetchval("SELECT outcome FROM commands WHERE command_id = 'v1'") == "version_mismatch"
-    # They really went together: the three new events were written by one transaction.
+    # They really went together: the three new events were written by one transaction (the rows'
+    # xmin; a writer_xid may be an earlier writer's, commands/sql/tally_writer_xid.sql).
     transactions = await pool.fetchval(
-        "SELECT count(DISTINCT writer_xid) FROM events WHERE event_type <> 'WalletOpened' "
+        "SELECT count(DISTINCT xmin::text) FROM events WHERE event_type <> 'WalletOpened' "
         "AND stream_version > 1"
     )
     assert transactions == 1
@@ -115,7 +116,7 @@ async def test_hot_wallet_batches_keep_the_floor(pool: asyncpg.Pool) -> None:
     assert await stream_balance(pool, "hot") == 1_000 % 30
     # Batches of three "processes" took turns on the wallet, each in its own transaction.
     assert (
-        await pool.fetchval("SELECT count(DISTINCT writer_xid) FROM events WHERE event_type = 'CreditsSpent'")
+        await pool.fetchval("SELECT count(DISTINCT xmin::text) FROM events WHERE event_type = 'CreditsSpent'")
         > 1
     )
 

@@ -125,6 +125,8 @@ async def test_a_database_built_by_the_first_five_migrations_migrates_forward(db
             "0008_bounded_reads.sql",
             "0009_reversals_and_holds.sql",
             "0010_batches.sql",
+            "0011_stream_order.sql",
+            "0012_webhooks.sql",
         ]
         assert migrated.flows == ["bonus", "spend", "top_up"]
 
@@ -248,6 +250,7 @@ async def test_the_baseline_builds_what_the_history_built(db_url: str, admin_url
             assert done.migrations == [
                 "0005_baseline.sql", "0006_typed_events_domain_outcomes.sql", "0007_clients.sql",
                 "0008_bounded_reads.sql", "0009_reversals_and_holds.sql", "0010_batches.sql",
+                "0011_stream_order.sql", "0012_webhooks.sql",
             ]  # fmt: skip
         finally:
             await fresh.close()

@@ -76,7 +76,9 @@ _CLOSE_GATE = "SELECT pg_advisory_lock(31250, 1)"
 _OPEN_GATE = "SELECT pg_advisory_unlock(31250, 1)"
 _PASS_GATE = "SELECT pg_advisory_xact_lock_shared(31250, 1)"
 _STATE = "SELECT stream_id, version, state FROM streams WHERE stream_type = 'wallet' AND stream_id LIKE $1"
-_WRITERS = "SELECT count(DISTINCT writer_xid) FROM events WHERE event_id = ANY($1::uuid[])"
+# The writing transactions: the rows' xmin (a writer_xid may be an earlier writer's,
+# commands/sql/tally_writer_xid.sql).
+_WRITERS = "SELECT count(DISTINCT xmin::text) FROM events WHERE event_id = ANY($1::uuid[])"
 
 
 class LedgerMachine(RuleBasedStateMachine):

@@ -102,6 +102,17 @@ async def test_a_removed_last_event_is_caught_by_the_stream_head(
     assert head.found.startswith("4:")
 
 
+async def test_a_stream_row_behind_its_events_writer_ids_is_found(
+    pool: asyncpg.Pool, store: EventStore
+) -> None:
+    """The feed's per-wallet order rests on it (commands/sql/tally_writer_xid.sql)."""
+    await _ledger(store, pool)
+    await _tamper(pool, "UPDATE streams SET last_writer_xid = '0' WHERE stream_id = 'wallet:ann'")
+    report = await _verify(pool)
+    [finding] = [f for f in report.findings if f.check == "stream_writer_head"]
+    assert (finding.stream_id, finding.found) == ("wallet:ann", "0")
+
+
 async def test_unbalanced_entries_are_found(pool: asyncpg.Pool, store: EventStore) -> None:
     await _ledger(store, pool)
     event = await _event(pool, "wallet:ann", 2)
