@@ -155,6 +155,16 @@ def _at_most(limit: int) -> Callable[[str], int]:
     return check
 
 
+def _seconds_up_to(limit: float) -> Callable[[str], float]:
+    def check(raw: str) -> float:
+        value = float(raw)
+        if not 0 < value <= limit:  # (NaN fails too)
+            raise ValueError(f"must be a number of seconds above 0, at most {limit:,g}")
+        return value
+
+    return check
+
+
 def _port(raw: str) -> int:
     value = int(raw)
     if not 0 <= value <= 65535:
@@ -235,11 +245,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         feed_heartbeat=_parse(env, "TALLY_FEED_HEARTBEAT", _positive(float), d.feed_heartbeat),
         webhook_key=env.get("TALLY_WEBHOOK_KEY") or None,
         webhook_allowed_hosts=env.get("TALLY_WEBHOOK_ALLOWED_HOSTS") or None,
-        webhook_timeout=_parse(env, "TALLY_WEBHOOK_TIMEOUT", _positive(float), d.webhook_timeout),
+        webhook_timeout=_parse(env, "TALLY_WEBHOOK_TIMEOUT", _seconds_up_to(300), d.webhook_timeout),
         webhook_retry_seconds=_parse(
-            env, "TALLY_WEBHOOK_RETRY_SECONDS", _positive(float), d.webhook_retry_seconds
+            env, "TALLY_WEBHOOK_RETRY_SECONDS", _seconds_up_to(30 * 86400), d.webhook_retry_seconds
         ),
-        webhook_backoff=_parse(env, "TALLY_WEBHOOK_BACKOFF", _positive(float), d.webhook_backoff),
+        webhook_backoff=_parse(env, "TALLY_WEBHOOK_BACKOFF", _seconds_up_to(3600), d.webhook_backoff),
     )
     if settings.pool_min_size > settings.pool_max_size:
         raise SettingsError("TALLY_POOL_MIN_SIZE must not exceed TALLY_POOL_MAX_SIZE")

@@ -116,31 +116,34 @@ SELECT writer_xid::text AS writer_xid, global_position, event_id::text AS event_
        stream_version, recorded_at, data::text AS data
   FROM events WHERE global_position = $1
 """
-# An attempt's outcome, if its delivery is still pending in the generation it was sent in; and the
-# subscription's counters.
+# An attempt's outcome, if its delivery is still pending in the generation it was sent in. The next
+# attempt and the retry period count on the database's clock (that of enqueued_at), from the end of
+# this attempt. Each statement locks one row only: the subscription's counters are a statement of
+# their own (_COUNT), so that no transaction holds a delivery and waits for the subscription's row
+# while a replay or an enqueue holds that row and waits for the delivery (a deadlock, found in
+# review).
 _DELIVERED = """
-WITH d AS (
-    UPDATE webhook_deliveries
-       SET status = 'delivered', attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, $4),
-           last_attempt_at = $4, last_status = $5, last_error = NULL, delivered_at = now()
-     WHERE webhook_id = $1 AND writer_xid = $2::text::xid8 AND global_position = $3 AND status = 'pending'
-       AND enqueued_at = $6
-    RETURNING status)
-UPDATE webhooks SET attempts = attempts + 1 WHERE webhook_id = $1 AND EXISTS (SELECT 1 FROM d)
+UPDATE webhook_deliveries
+   SET status = 'delivered', attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, $4),
+       last_attempt_at = $4, last_status = $5, last_error = NULL, delivered_at = clock_timestamp()
+ WHERE webhook_id = $1 AND writer_xid = $2::text::xid8 AND global_position = $3 AND status = 'pending'
+   AND enqueued_at = $6
+RETURNING status
 """
 _FAILED = """
-WITH d AS (
-    UPDATE webhook_deliveries
-       SET attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, $4), last_attempt_at = $4,
-           last_status = $5, last_error = $6, next_attempt_at = $4 + $7::interval,
-           status = CASE WHEN $4 - enqueued_at >= make_interval(secs => $8) THEN 'parked' ELSE 'pending' END
-     WHERE webhook_id = $1 AND writer_xid = $2::text::xid8 AND global_position = $3 AND status = 'pending'
-       AND enqueued_at = $9
-    RETURNING status),
-w AS (UPDATE webhooks SET attempts = attempts + 1, failures = failures + 1
-       WHERE webhook_id = $1 AND EXISTS (SELECT 1 FROM d))
-SELECT status FROM d
+UPDATE webhook_deliveries
+   SET attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, $4), last_attempt_at = $4,
+       last_status = $5, last_error = $6, next_attempt_at = clock_timestamp() + $7::interval,
+       status = CASE WHEN clock_timestamp() - enqueued_at >= make_interval(secs => $8) THEN 'parked'
+                     ELSE 'pending' END
+ WHERE webhook_id = $1 AND writer_xid = $2::text::xid8 AND global_position = $3 AND status = 'pending'
+   AND enqueued_at = $9
+RETURNING status
 """
+_COUNT = "UPDATE webhooks SET attempts = attempts + 1, failures = failures + $2 WHERE webhook_id = $1"
+# Pages of events enqueued per subscription per round: a replay of a long history does not hold up
+# the other subscriptions' enqueuing (it goes on next round).
+ENQUEUE_PAGES_PER_ROUND: Final = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,8 +238,14 @@ class Dispatcher:
         live = [uuid.UUID(str(r["webhook_id"])) for r in rows]
         for row in rows:
             cursor = Position(int(row["xid"]), row["cursor_position"])
-            if row["head"] is not None and cursor < Position(int(row["head_xid"]), row["head"]):
+            if stop.is_set() or row["head"] is None or cursor >= Position(int(row["head_xid"]), row["head"]):
+                continue
+            try:
                 await self._enqueue(uuid.UUID(str(row["webhook_id"])))
+            except Exception as exc:
+                if is_transient(exc):
+                    raise  # the database is away: reconnect
+                log.exception("webhook %s: enqueuing failed; trying again next round", row["webhook_id"])
         for webhook_id in set(senders) - set(live):
             senders.pop(webhook_id).cancel()
         for webhook_id in live:
@@ -264,8 +273,9 @@ class Dispatcher:
 
     async def _enqueue(self, webhook_id: uuid.UUID) -> None:
         """The subscription's next events become its pending deliveries, its cursor past them."""
-        more = True
-        while more:
+        more, pages = True, 0
+        while more and pages < ENQUEUE_PAGES_PER_ROUND:
+            pages += 1
             async with self._pool.acquire() as conn, conn.transaction():
                 row = await conn.fetchrow(_SUBSCRIPTION, webhook_id)
                 if row is None:
@@ -311,7 +321,14 @@ class Dispatcher:
                     async with slots:
                         await self._deliver(webhook_id, head, url, secrets, http)
 
-                await asyncio.gather(*(one(head) for head in due))
+                # A task group: when one fails (its database statement), the others stop too, and
+                # none outlives this sender (which is started again, or reconnects).
+                try:
+                    async with asyncio.TaskGroup() as group:
+                        for head in due:
+                            group.create_task(one(head))
+                except* Exception as failed:
+                    raise failed.exceptions[0] from None
                 continue
             enqueued = self._enqueued
             later = min((head.due_in for head in heads), default=self._settings.poll_interval)
@@ -332,15 +349,17 @@ class Dispatcher:
         at = now()
         status, error = await self._attempt(http, url, secrets, event.event_id, at, body)
         if error is None:
-            await self._pool.execute(
+            outcome = await self._pool.fetchval(
                 _DELIVERED, webhook_id, str(position.xid), position.position, at, status, head.generation
             )
-            return
-        delay = backoff(head.attempts + 1, self._settings.first_backoff)
-        outcome = await self._pool.fetchval(
-            _FAILED, webhook_id, str(position.xid), position.position, at, status, error[:500], delay,
-            self._settings.retry_seconds, head.generation,
-        )  # fmt: skip
+        else:
+            delay = backoff(head.attempts + 1, self._settings.first_backoff)
+            outcome = await self._pool.fetchval(
+                _FAILED, webhook_id, str(position.xid), position.position, at, status, error[:500], delay,
+                self._settings.retry_seconds, head.generation,
+            )  # fmt: skip
+        if outcome is not None:  # recorded (an attempt overtaken by a replay is not counted)
+            await self._pool.execute(_COUNT, webhook_id, 0 if error is None else 1)
         if outcome == "parked":
             log.warning("webhook %s: parked the delivery of event %s (%s)", webhook_id, event.event_id, error)
 

@@ -77,6 +77,8 @@ def sign(secrets: list[str], message_id: str, at: datetime, body: str) -> dict[s
 
 PUBLIC: Final = "public"
 _NAT64: Final = ipaddress.ip_network("64:ff9b::/96")
+# Not global, though Python 3.11 says they are: local-use NAT64 (RFC 8215) and site-local.
+_NOT_PUBLIC: Final = (ipaddress.ip_network("64:ff9b:1::/48"), ipaddress.ip_network("fec0::/10"))
 
 
 def _public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -85,6 +87,8 @@ def _public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     if not address.is_global:
         return False
     if isinstance(address, ipaddress.IPv6Address):
+        if any(address in network for network in _NOT_PUBLIC):
+            return False
         carried = [address.ipv4_mapped, address.sixtofour, address.teredo[1] if address.teredo else None]
         if address in _NAT64 or int(address) >> 32 == 0:
             carried.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))

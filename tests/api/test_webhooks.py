@@ -183,7 +183,8 @@ async def test_allowed_hosts_match_names_and_patterns() -> None:
     refused = (
         "http://127.0.0.1/x", "http://localhost/x", "http://10.0.0.1/x", "http://[::1]/x", "http://169.254.169.254/",
         "http://[::ffff:127.0.0.1]/x", "http://[64:ff9b::7f00:1]/x", "http://[2002:7f00:1::]/x",
-        "http://[::127.0.0.1]/x", "http://a..b/x", f"http://{'a' * 64}.example/x",
+        "http://[::127.0.0.1]/x", "http://[64:ff9b:1::a00:1]/x", "http://[fec0::1]/x", "http://a..b/x",
+        f"http://{'a' * 64}.example/x",
     )  # fmt: skip
     for url in refused:
         with pytest.raises(UrlNotAllowed):
