@@ -287,7 +287,8 @@ async def test_a_replay_while_a_delivery_is_in_flight_sends_everything_again_in_
         await receiver.until(lambda r: bool(held))
         replayed_at = asyncio.get_running_loop().time()
         replayed = await _post(http, f"/v1/webhooks/{hook['webhook_id']}/replay", {"after": "0.0"})
-        assert replayed["replayed"] == 3  # 2 (delivered), 3 (in flight), 4 (waiting behind it)
+        # 2 (delivered) and 3 (in flight) set pending again; and 4, if it was enqueued already.
+        assert replayed["replayed"] in {2, 3}
         receiver.release.set()  # the attempt from before the replay is answered now
 
         def again(r: Any) -> list[int]:
