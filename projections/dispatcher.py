@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -43,7 +42,7 @@ import httpx
 from commands.errors import is_transient
 from projections.feed import FeedEvent, FeedFilter, event_of, read_feed
 from projections.positions import Position
-from projections.projector import EVENTS_CHANNEL, PROGRESS_CHANNEL, RECONNECT_DELAYS, wait_any
+from projections.projector import EVENTS_CHANNEL, PROGRESS_CHANNEL, SingleActive, wait_any
 from projections.webhooks import HostPolicy, UrlNotAllowed, backoff, delivery_body, derive_secret, now, sign
 
 log = logging.getLogger("tally.dispatcher")
@@ -165,33 +164,18 @@ class _Head:
     due_in: float
 
 
-class Dispatcher:
-    """Runs until ``stop`` is set; survives the database going away (reconnects with backoff and
-    competes for the active role again)."""
+class Dispatcher(SingleActive):
+    """Runs until ``stop`` is set (one active per database: projections.projector.SingleActive)."""
+
+    role = "dispatcher"
+    lock_key = DISPATCHER_LOCK_KEY
 
     def __init__(self, pool: asyncpg.Pool, url: str, settings: DispatchSettings) -> None:
+        super().__init__(url, settings.poll_interval)
         self._pool = pool
-        self._url = url
         self._settings = settings
         self._wake = asyncio.Event()
         self._enqueued = asyncio.Event()
-        self._failures = 0
-        self.application_name = f"tally-dispatcher:{os.getpid()}"
-
-    async def run(self, stop: asyncio.Event) -> None:
-        self._failures = 0
-        while not stop.is_set():
-            try:
-                await self._run_connected(stop)
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                delay = RECONNECT_DELAYS[min(self._failures, len(RECONNECT_DELAYS) - 1)]
-                self._failures += 1
-                log.warning("dispatcher interrupted (%s); retrying in %.1f s", exc, delay)
-                await wait_any(asyncio.Event(), stop, delay)
-            else:
-                return
 
     async def _run_connected(self, stop: asyncio.Event) -> None:
         listener = await asyncpg.connect(
@@ -210,8 +194,6 @@ class Dispatcher:
                 await listener.add_listener(channel, lambda *_: self._wake.set())
             if not await self._become_active(listener, stop):
                 return
-            log.info("dispatcher active (%s)", self.application_name)
-            self._failures = 0
             while not stop.is_set():
                 if listener.is_closed():
                     raise asyncpg.InterfaceError("the listening connection closed")
@@ -259,17 +241,6 @@ class Dispatcher:
                 task = None
             if task is None:
                 senders[webhook_id] = asyncio.create_task(self._sender(webhook_id, http, stop))
-
-    async def _become_active(self, listener: asyncpg.Connection, stop: asyncio.Event) -> bool:
-        announced = False
-        while not stop.is_set():
-            if await listener.fetchval("SELECT pg_try_advisory_lock($1)", DISPATCHER_LOCK_KEY):
-                return True
-            if not announced:
-                log.info("another dispatcher is active; standing by")
-                announced = True
-            await wait_any(asyncio.Event(), stop, self._settings.poll_interval)
-        return False
 
     async def _enqueue(self, webhook_id: uuid.UUID) -> None:
         """The subscription's next events become its pending deliveries, its cursor past them."""

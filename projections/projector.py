@@ -20,7 +20,7 @@ import contextlib
 import logging
 import os
 import time
-from typing import Final
+from typing import ClassVar, Final
 
 import asyncpg
 import msgspec
@@ -131,21 +131,23 @@ async def catch_up(pool: asyncpg.Pool, batch_size: int) -> dict[str, Position]:
     return checkpoints
 
 
-class Projector:
-    """Runs the projections until ``stop`` is set. Woken by NOTIFY on ``tally_events`` (sent by the
-    API after commands commit), polling every ``poll_interval`` seconds as the fallback. Survives
-    the database going away: it reconnects with backoff and competes for the active role again."""
+class SingleActive:
+    """A worker of which one instance is active per database (the projector, the webhook
+    dispatcher): it holds a session advisory lock on its own listening connection, and the others
+    stand by until that connection goes away. ``run`` survives the database going away: it
+    reconnects with backoff and competes for the active role again. A subclass names its ``role``
+    and ``lock_key`` and implements ``_run_connected``."""
 
-    def __init__(self, pool: asyncpg.Pool, url: str, *, batch_size: int, poll_interval: float) -> None:
-        self._pool = pool
+    role: ClassVar[str]
+    lock_key: ClassVar[int]
+
+    def __init__(self, url: str, poll_interval: float) -> None:
         self._url = url
-        self._batch_size = batch_size
         self._poll_interval = poll_interval
-        self._wake = asyncio.Event()
         self._failures = 0
-        # Operators (and the failover test) find the active instance by this name in
+        # Operators (and the failover tests) find the active instance by this name in
         # pg_stat_activity, joined to the advisory lock in pg_locks.
-        self.application_name = f"tally-projector:{os.getpid()}"
+        self.application_name = f"tally-{self.role}:{os.getpid()}"
 
     async def run(self, stop: asyncio.Event) -> None:
         self._failures = 0
@@ -157,10 +159,41 @@ class Projector:
                     raise
                 delay = RECONNECT_DELAYS[min(self._failures, len(RECONNECT_DELAYS) - 1)]
                 self._failures += 1
-                log.warning("projector interrupted (%s); retrying in %.1f s", exc, delay)
+                log.warning("%s interrupted (%s); retrying in %.1f s", self.role, exc, delay)
                 await wait_any(asyncio.Event(), stop, delay)
             else:
                 return
+
+    async def _run_connected(self, stop: asyncio.Event) -> None:
+        raise NotImplementedError
+
+    async def _become_active(self, listener: asyncpg.Connection, stop: asyncio.Event) -> bool:
+        """Wait for the active role (True), or for ``stop`` (False)."""
+        announced = False
+        while not stop.is_set():
+            if await listener.fetchval("SELECT pg_try_advisory_lock($1)", self.lock_key):
+                log.info("%s active (%s)", self.role, self.application_name)
+                self._failures = 0  # back to short pauses once it works again
+                return True
+            if not announced:
+                log.info("another %s is active; standing by", self.role)
+                announced = True
+            await wait_any(asyncio.Event(), stop, self._poll_interval)
+        return False
+
+
+class Projector(SingleActive):
+    """Runs the projections until ``stop`` is set. Woken by NOTIFY on ``tally_events`` (sent by the
+    API after commands commit), polling every ``poll_interval`` seconds as the fallback."""
+
+    role = "projector"
+    lock_key = PROJECTOR_LOCK_KEY
+
+    def __init__(self, pool: asyncpg.Pool, url: str, *, batch_size: int, poll_interval: float) -> None:
+        super().__init__(url, poll_interval)
+        self._pool = pool
+        self._batch_size = batch_size
+        self._wake = asyncio.Event()
 
     async def _run_connected(self, stop: asyncio.Event) -> None:
         listener = await asyncpg.connect(
@@ -170,8 +203,6 @@ class Projector:
             await listener.add_listener(EVENTS_CHANNEL, lambda *_: self._wake.set())
             if not await self._become_active(listener, stop):
                 return
-            log.info("projector active (%s)", self.application_name)
-            self._failures = 0  # back to short pauses once it works again
             last: dict[str, Position] = {}
             warned = 0.0
             swept = 0.0
@@ -214,17 +245,6 @@ class Projector:
         if ended:
             log.info("recorded the expiry of %d holds", ended)
             self._wake.set()
-
-    async def _become_active(self, listener: asyncpg.Connection, stop: asyncio.Event) -> bool:
-        announced = False
-        while not stop.is_set():
-            if await listener.fetchval("SELECT pg_try_advisory_lock($1)", PROJECTOR_LOCK_KEY):
-                return True
-            if not announced:
-                log.info("another projector is active; standing by")
-                announced = True
-            await wait_any(asyncio.Event(), stop, self._poll_interval)
-        return False
 
 
 async def wait_any(wake: asyncio.Event, stop: asyncio.Event, seconds: float) -> None:

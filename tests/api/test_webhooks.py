@@ -126,7 +126,8 @@ async def test_a_rotated_secret_signs_beside_the_new_one_during_its_grace(
     for secret in secrets:
         assert Webhook(secret).verify(payload, headers) == {"event_id": "e"}
     # With no grace, every earlier secret stops at once (the one still in its hour's grace too).
-    assert (await post(hooks, path, {"grace_seconds": 0})).status_code == 200
+    rotated_again = await post(hooks, path, {"grace_seconds": 0})
+    assert rotated_again.status_code == 200
     view = (await hooks.get(f"/v1/webhooks/{made['webhook_id']}")).json()
     assert [s["expires_at"] for s in view["secrets"]] == [None]
 
