@@ -21,7 +21,6 @@ from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
-from litestar.plugins.prometheus import PrometheusConfig
 from litestar.static_files import create_static_files_router
 
 from api.auth import Authenticator, BearerAuthentication
@@ -37,7 +36,7 @@ from api.database import BoundedPool, connect, create_pool
 from api.errors import EXCEPTION_HANDLERS
 from api.feed import FeedController
 from api.health import health_live, health_ready, metrics
-from api.observability import request_id_middleware
+from api.observability import metrics_middleware, request_id_middleware
 from api.ratelimit import RateLimiter, ReadLimiter
 from api.settings import Settings
 from api.webhooks import WebhookController, dispatch_settings
@@ -187,11 +186,6 @@ def create_app(
             for each in pools:
                 await each.close()
 
-    # Request counts and latency histograms by route template and status.
-    prometheus = PrometheusConfig(
-        app_name="tally", prefix="tally", group_path=True, exclude=["/metrics", "/docs", "/health"]
-    )
-
     def provide_pool(state: State) -> BoundedPool:
         reads: BoundedPool = state.reads
         return reads
@@ -222,7 +216,8 @@ def create_app(
         ],
         middleware=[
             request_id_middleware,
-            prometheus.middleware,
+            # Request counts and latency histograms by route template and status.
+            metrics_middleware,
             # Health checks (opt exclude_from_auth) are open; so are the docs unless configured not.
             # The rest: key, rate limit, scope, and a query's turn (api/auth.py; requests without a
             # valid key never take a turn from those with).
