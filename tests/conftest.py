@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -31,7 +30,7 @@ from api.migrate import migrate
 from api.settings import Settings
 from commands import EventStore
 from domain import decode_event
-from tests.helpers import APP_ROLE, AUTH, add_test_client
+from tests.helpers import APP_ROLE, AUTH, add_test_client, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -151,13 +150,6 @@ class LiveServer(NamedTuple):
     process: asyncio.subprocess.Process
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextlib.asynccontextmanager
 async def serving(
     db_url: str,
@@ -171,7 +163,7 @@ async def serving(
     loopback port (or ``port``), connected to ``db_url``'s server as the application role, with
     ``env`` added to its environment (``{"TALLY_COMMAND_TIMEOUT": "2"}``, say); stopped (SIGTERM)
     on the way out unless it has exited already (a test that SIGKILLs it)."""
-    port = _free_port() if port is None else port
+    port = free_port() if port is None else port
     environment = {
         **os.environ, "DATABASE_URL": with_user(db_url, APP_ROLE, None), "HOST": "127.0.0.1",
         "PORT": str(port),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -182,3 +183,28 @@ async def holding_wallet(pool: asyncpg.Pool, user_id: str) -> AsyncIterator[int]
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT 1 FROM streams WHERE stream_id = $1 FOR UPDATE", f"wallet:{user_id}")
         yield await conn.fetchval("SELECT pg_backend_pid()")
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def top_up_in(conn: asyncpg.Connection, user_id: str, amount: int) -> None:
+    """A GOLD top-up by tally_post_transactions on this connection (in its transaction, if open)."""
+    [row] = await run_batch(conn, record(TopUpCredits(user_id=user_id, asset="GOLD", amount=amount)))
+    assert row["outcome"] == "accepted"
+
+
+async def begin_top_up(
+    conn: asyncpg.Connection, user_id: str, amount: int
+) -> asyncpg.transaction.Transaction:
+    """A transaction begun on ``conn`` that has written a top-up and is left open: the caller
+    commits it when the race it stages needs."""
+    tx = conn.transaction()
+    await tx.start()
+    await top_up_in(conn, user_id, amount)
+    return tx

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -13,6 +12,8 @@ from dataclasses import dataclass, field
 import uvicorn
 from litestar import Litestar, Request, Response, post
 from litestar.params import FromPath
+
+from tests.helpers import free_port
 
 # What to do with a request: an HTTP status to answer, or "hang" (answer nothing until released).
 Answer = int | str
@@ -53,16 +54,9 @@ class Receiver:
                 await asyncio.wait_for(self.arrived.wait(), 0.2)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextlib.asynccontextmanager
 async def receiving(script: Callable[[Received], Answer]) -> AsyncIterator[Receiver]:
-    port = _free_port()
+    port = free_port()
     receiver = Receiver(url=f"http://127.0.0.1:{port}", script=script)
 
     @post("/{name:str}", status_code=204)

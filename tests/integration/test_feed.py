@@ -25,19 +25,9 @@ from projections.feed import FeedEvent, read_feed
 from projections.positions import ORIGIN, Position
 from projections.verify import verify
 from tests.conftest import LiveServer, serving
-from tests.helpers import AUTH, define_asset, open_wallet, record, run_batch
+from tests.helpers import AUTH, begin_top_up, define_asset, open_wallet, record, run_batch
 
 _COMMIT_ORDER = "SELECT event_id::text FROM events ORDER BY writer_xid, global_position"
-
-
-async def _begin_top_up(
-    conn: asyncpg.Connection, user_id: str, amount: int
-) -> asyncpg.transaction.Transaction:
-    tx = conn.transaction()
-    await tx.start()
-    [row] = await run_batch(conn, record(TopUpCredits(user_id=user_id, asset="GOLD", amount=amount)))
-    assert row["outcome"] == "accepted"
-    return tx
 
 
 async def _read_until(pool: asyncpg.Pool, after: Position, count: int, within: float = 30) -> list[FeedEvent]:
@@ -66,8 +56,8 @@ async def test_an_event_committed_late_is_served_in_its_place_never_skipped(
     slow, fast = await pool.acquire(), await pool.acquire()
     try:
         # `slow` draws the lower position but commits last.
-        slow_tx = await _begin_top_up(slow, "early", 7)
-        fast_tx = await _begin_top_up(fast, "late", 11)
+        slow_tx = await begin_top_up(slow, "early", 7)
+        fast_tx = await begin_top_up(fast, "late", 11)
         await fast_tx.commit()
         committed = await pool.fetch("SELECT global_position FROM events WHERE data ->> 'kind' = 'top_up'")
         assert len(committed) == 1  # `late`'s is committed, `early`'s still in flight
@@ -95,7 +85,7 @@ async def test_a_token_taken_while_an_older_transaction_runs_misses_nothing_afte
     await open_wallet(store, "late")
     older, younger = await pool.acquire(), await pool.acquire()
     try:
-        older_tx = await _begin_top_up(older, "early", 7)
+        older_tx = await begin_top_up(older, "early", 7)
         [row] = await run_batch(younger, record(TopUpCredits(user_id="late", asset="GOLD", amount=11)))
         token = Position.parse(msgspec.json.decode(row["body"])["consistency_token"])
         page, _ = await read_feed(pool, token, 100)

@@ -6,24 +6,9 @@ import asyncpg
 import pytest
 
 from commands import EventStore
-from domain import TopUpCredits
 from projections.projector import project_batch
 from projections.queries import WalletIncomplete, get_wallet, wallet_history
-from tests.helpers import define_asset, open_wallet, projected, record, run_batch
-
-
-async def _top_up(conn: asyncpg.Connection, user_id: str, amount: int) -> None:
-    [row] = await run_batch(conn, record(TopUpCredits(user_id=user_id, asset="GOLD", amount=amount)))
-    assert row["outcome"] == "accepted"
-
-
-async def _begin_top_up(
-    conn: asyncpg.Connection, user_id: str, amount: int
-) -> asyncpg.transaction.Transaction:
-    tx = conn.transaction()
-    await tx.start()
-    await _top_up(conn, user_id, amount)
-    return tx
+from tests.helpers import begin_top_up, define_asset, open_wallet, projected, top_up_in
 
 
 async def _rm_balance(pool: asyncpg.Pool, user_id: str) -> int | None:
@@ -45,8 +30,8 @@ async def test_late_commit_of_an_earlier_position_is_not_skipped(
     fast = await pool.acquire()
     try:
         # `slow` draws the lower global_position but commits last.
-        slow_tx = await _begin_top_up(slow, "early", 7)
-        fast_tx = await _begin_top_up(fast, "late", 11)
+        slow_tx = await begin_top_up(slow, "early", 7)
+        fast_tx = await begin_top_up(fast, "late", 11)
         await fast_tx.commit()
         visible = await pool.fetch(
             "SELECT data ->> 'user_id' AS who FROM events WHERE data ->> 'kind' = 'top_up'"
@@ -84,7 +69,7 @@ async def test_each_event_is_applied_once_across_repeated_runs(pool: asyncpg.Poo
     conn = await pool.acquire()
     try:
         for amount in (1, 2, 3):
-            tx = await _begin_top_up(conn, "once", amount)
+            tx = await begin_top_up(conn, "once", amount)
             await tx.commit()
     finally:
         await pool.release(conn)
@@ -107,14 +92,14 @@ async def _versions_committed_out_of_order(pool: asyncpg.Pool, store: EventStore
     early = await pool.acquire()
     late = await pool.acquire()
     try:
-        early_tx = await _begin_top_up(early, "x", 1)  # takes the lower transaction id first
-        late_tx = await _begin_top_up(late, "w", 20)  # wallet w version 2, higher transaction id
+        early_tx = await begin_top_up(early, "x", 1)  # takes the lower transaction id first
+        late_tx = await begin_top_up(late, "w", 20)  # wallet w version 2, higher transaction id
         await late_tx.commit()
         # As a wallet written before migration 0011 was: since, version 3 would carry version 2's
         # writer_xid (commands/sql/tally_writer_xid.sql); databases that ran earlier releases may
         # hold such histories, which the projections must still get right.
         await pool.execute("UPDATE streams SET last_writer_xid = '0' WHERE stream_id = 'wallet:w'")
-        await _top_up(early, "w", 300)  # w version 3
+        await top_up_in(early, "w", 300)  # w version 3
         await early_tx.commit()
     finally:
         await pool.release(early)
